@@ -1,0 +1,3 @@
+from kvsim.workload.request import InvalidRecord, Request
+
+__all__ = ["Request", "InvalidRecord"]
