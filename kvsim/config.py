@@ -1,0 +1,165 @@
+"""Engine options, spelled as vLLM spells them, read once at the edge (CLI flags or a YAML file).
+
+Defaults follow the vLLM V1 engine as of v0.19 (``vllm/engine/arg_utils.py``,
+``EngineArgs._set_default_args``) for the OpenAI-compatible server: ``max_num_batched_tokens`` 8192 and
+``max_num_seqs`` 1024 on GPUs with at least 70 GiB, else 2048 and 256; chunked prefill and prefix
+caching on; block size 16; ``gpu_memory_utilization`` 0.9. ``None`` here means "the hardware-dependent
+vLLM default", resolved by :meth:`EngineConfig.resolved`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from kvsim.errors import ConfigError
+
+GIB = 1024**3
+KV_CACHE_DTYPES = ("auto", "bfloat16", "float16", "fp8", "fp8_e4m3", "fp8_e5m2")
+SCHEDULERS = ("chunked", "prefill-first")
+ROUTERS = ("round-robin", "least-outstanding-tokens")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    # -- vLLM engine arguments (same names, same meaning) ------------------------------------
+    tensor_parallel_size: int = 1
+    data_parallel_size: int = 1
+    enable_expert_parallel: bool = False
+    max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
+    max_model_len: int | None = None
+    block_size: int = 16
+    gpu_memory_utilization: float = 0.9
+    kv_cache_dtype: str = "auto"
+    enable_chunked_prefill: bool = True
+    enable_prefix_caching: bool = True
+    num_gpu_blocks_override: int | None = None
+    seed: int = 0
+    # -- kvsim's own knobs --------------------------------------------------------------------
+    #: "chunked" mirrors vLLM V1 (running requests first, then waiting ones in the remaining budget);
+    #: "prefill-first" mirrors vLLM V0 without chunked prefill (a step is all prefill or all decode)
+    scheduler: str = "chunked"
+    #: independent engine replicas (each with tensor_parallel_size GPUs) behind a router
+    num_replicas: int = 1
+    router: str = "least-outstanding-tokens"
+    #: memory held back for activations, CUDA graphs and the allocator; vLLM measures this with a
+    #: profiling forward pass, kvsim estimates it (see kvsim.engine.memory)
+    activation_reserve_bytes: int | None = None
+
+    def resolved(self, hardware_memory_bytes: int) -> "EngineConfig":
+        """Fill hardware-dependent vLLM defaults."""
+        big = hardware_memory_bytes >= 70 * GIB
+        mnbt = self.max_num_batched_tokens
+        if mnbt is None:
+            mnbt = (8192 if big else 2048) if self.enable_chunked_prefill else None
+        mns = self.max_num_seqs if self.max_num_seqs is not None else (1024 if big else 256)
+        return dataclasses.replace(self, max_num_batched_tokens=mnbt, max_num_seqs=mns)
+
+    def validate(self, source: str = "engine config") -> "EngineConfig":
+        def bad(key, why):
+            raise ConfigError(f"{source}: {key}={getattr(self, key)!r}: {why}")
+
+        for key in ("tensor_parallel_size", "data_parallel_size", "block_size", "num_replicas"):
+            v = getattr(self, key)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                bad(key, "must be a positive integer")
+        for key in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "num_gpu_blocks_override"):
+            v = getattr(self, key)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                bad(key, "must be a positive integer or unset")
+        if not (0.0 < float(self.gpu_memory_utilization) <= 1.0):
+            bad("gpu_memory_utilization", "must be in (0, 1]")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            bad("kv_cache_dtype", f"must be one of {KV_CACHE_DTYPES}")
+        if self.scheduler not in SCHEDULERS:
+            bad("scheduler", f"must be one of {SCHEDULERS}")
+        if self.router not in ROUTERS:
+            bad("router", f"must be one of {ROUTERS}")
+        if self.enable_expert_parallel and self.data_parallel_size * self.tensor_parallel_size < 2:
+            bad("enable_expert_parallel", "needs data_parallel_size x tensor_parallel_size >= 2")
+        if (self.max_num_batched_tokens is not None and self.max_model_len is not None
+                and not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len):
+            bad("max_num_batched_tokens",
+                f"is smaller than max_model_len={self.max_model_len}; without chunked prefill a long "
+                "prompt could never be scheduled (vLLM raises the same error)")
+        if not isinstance(self.seed, int):
+            bad("seed", "must be an integer")
+        return self
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(EngineConfig)}
+
+#: keys of a measured case's run.yaml that describe the run rather than configure the engine
+#: (documented in shared/validation/README.md); accepted and ignored by the engine model
+DESCRIPTIVE_KEYS = {
+    "model", "dtype", "enforce_eager", "engine", "engine_version", "gpu", "num_gpus", "workload",
+    "source", "num_gpu_blocks", "async_scheduling", "scheduling_policy", "prefix_caching_hash_algo",
+    "hardware", "method", "notes",
+}
+
+
+def _coerce(key: str, value, source: str):
+    typ = FIELDS[key].type
+    if value is None:
+        return None
+    want_bool = "bool" in str(typ)
+    want_int = "int" in str(typ) and not want_bool
+    want_float = "float" in str(typ)
+    if want_bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ConfigError(f"{source}: key {key!r}: value {value!r} is not true/false")
+    if want_int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and value.strip().lstrip("-").isdigit())):
+            raise ConfigError(f"{source}: key {key!r}: value {value!r} is not an integer")
+        return int(value)
+    if want_float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{source}: key {key!r}: value {value!r} is not a number") from None
+    return str(value)
+
+
+def config_from_mapping(data: dict, source: str = "config", base: EngineConfig | None = None) -> tuple[EngineConfig, dict]:
+    """Build an EngineConfig from vLLM-named keys (dashes or underscores). Returns (config, descriptive keys).
+
+    Unknown keys fail with the file, key and value named, so a typo never silently does nothing.
+    """
+    base = base or EngineConfig()
+    known, extra = {}, {}
+    for raw_key, value in (data or {}).items():
+        key = str(raw_key).replace("-", "_")
+        if key == "num_gpu_blocks" and value is not None:
+            extra[key] = value
+            continue
+        if key in FIELDS:
+            known[key] = _coerce(key, value, source)
+        elif key in DESCRIPTIVE_KEYS:
+            extra[key] = value
+        else:
+            raise ConfigError(
+                f"{source}: unknown engine option {raw_key!r} (value {value!r}); known options: "
+                + ", ".join(sorted(FIELDS)))
+    cfg = dataclasses.replace(base, **known)
+    cfg.validate(source)
+    return cfg, extra
+
+
+def load_config_file(path: str | Path, base: EngineConfig | None = None) -> tuple[EngineConfig, dict]:
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(p)!r} does not exist") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{p}: top level must be a mapping of engine options")
+    return config_from_mapping(data or {}, source=str(p), base=base)

@@ -1,0 +1,48 @@
+"""The cost-model interface: the time of one engine step, given what the batch does.
+
+A step is described by a :class:`StepShape` (new tokens, decode sequences and the KV tokens their
+queries attend to, prefill chunks). Implementations are pure: no SimPy, no state that changes between
+calls, so they can be tested against hand counts and real timings.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class StepShape:
+    #: decode sequences (one new token each) and the sum over them of kept KV tokens attended
+    #: (the new token included)
+    num_decode_seqs: int = 0
+    decode_kept_tokens: int = 0
+    #: prefill chunks: (new tokens, KV tokens attended including the chunk, chunk completes the prompt)
+    prefill_chunks: list = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_decode_seqs + sum(c[0] for c in self.prefill_chunks)
+
+    @property
+    def num_logit_tokens(self) -> int:
+        """Rows that go through the LM head: one per sequence that samples a token this step."""
+        return self.num_decode_seqs + sum(1 for c in self.prefill_chunks if c[2])
+
+
+class CostModel(ABC):
+    #: shown in summary.json as ``cost_model``: ``roofline`` or ``profile NAME``
+    name: str = "abstract"
+
+    @abstractmethod
+    def step_time_s(self, shape: StepShape) -> float:
+        """Wall time of one engine step on one replica (all its tensor-parallel GPUs together)."""
+
+    def decode_step_time_s(self, num_seqs: int, kept_tokens_sum: int) -> float:
+        """A pure decode step; the replica's fast-forward calls this once per step, so it is the hot
+        path. Must return exactly ``step_time_s(StepShape(num_seqs, kept_tokens_sum))``."""
+        return self.step_time_s(StepShape(num_seqs, kept_tokens_sum))
+
+    def breakdown(self, shape: StepShape) -> dict[str, float]:
+        """Seconds per operation group for one step (for reports); optional."""
+        return {"total": self.step_time_s(shape)}

@@ -1,0 +1,191 @@
+"""The embedded default cost model: a roofline per operation of one transformer layer.
+
+For every operation ``op`` of a step the model counts FLOPs and bytes moved on one GPU and takes
+
+    t_op = max(flops / (peak_flops * eff_flops), bytes / (mem_bw * eff_mem)) + kernel_overhead_s
+
+(``peak_flops`` is the dense fp16/bf16 tensor peak, or the fp8 peak for an fp8 model). A step is
+
+    t_step = num_layers * (t_qkv + t_o + t_mlp + t_other + t_attn_prefill + t_attn_decode
+                           + t_method_extra + t_allreduce) + t_lm_head + step_overhead_s
+
+Counts, with T new tokens in the step, h hidden size, q = heads x head_dim, k = kv_heads x head_dim,
+i intermediate size, p = tensor-parallel degree, b bytes per weight/activation element:
+
+- QKV: flops 2 T h (q + 2k) / p; bytes b (h (q + 2k) / p + T h + T (q + 2k) / p)   (weights read once)
+- O:   flops 2 T q h / p;       bytes b (q h / p + T q / p + T h)
+- MLP (gated): flops 6 T h i / p; bytes b (3 h i / p + T h + 3 T i / p)
+- MoE: as MLP over the experts each token activates (top-k); weight bytes of the distinct experts the
+  step touches, E (1 - (1 - k/E)^T) experts in expectation; router 2 T h E flops
+- other (2 RMSNorms, rotary, 2 residual adds): memory bound, bytes 10 T h b
+- attention: from the compression method (``Method.prefill_attention_work`` /
+  ``decode_attention_work`` and the ``*_extra_work`` hooks), so each method's kernel path is costed
+- all-reduce (p > 1): 2 per layer of T h b bytes, ring: 2 (p-1)/p x bytes / interconnect + latency
+- LM head: flops 2 R h V / p, bytes b (h V / p + R h) for the R rows that sample a token
+
+The efficiency terms live in :class:`RooflineParams`; ``kvsim/cost/calibration.yaml`` holds values
+fitted on published real-GPU timings per hardware (see README, "Calibration"), and the generic
+defaults below are used for hardware without a fit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from importlib import resources
+
+import yaml
+
+from kvsim.cost.base import CostModel, StepShape
+from kvsim.cost.work import Work
+from kvsim.methods.base import Method
+from kvsim.specs.hardware import HardwareSpec
+from kvsim.specs.model import ModelSpec
+
+
+@dataclass(frozen=True)
+class RooflineParams:
+    #: achieved fraction of peak tensor FLOP/s in large GEMMs
+    eff_flops: float = 0.7
+    #: achieved fraction of peak memory bandwidth for streaming reads (weights, KV)
+    eff_mem: float = 0.8
+    #: achieved fraction of peak FLOP/s in attention kernels
+    eff_attn_flops: float = 0.5
+    #: fixed time per kernel launch-and-drain, charged once per operation per layer
+    kernel_overhead_s: float = 4e-6
+    #: fixed time per engine step (scheduler, sampler, input preparation)
+    step_overhead_s: float = 2e-3
+    #: all-reduce latency per call
+    allreduce_latency_s: float = 10e-6
+    #: where these values came from
+    source: str = "generic defaults (uncalibrated)"
+
+
+def calibrated_params(hardware: str) -> RooflineParams:
+    """Fitted params for this hardware if ``calibration.yaml`` has them, else the generic defaults."""
+    try:
+        text = resources.files("kvsim.cost").joinpath("calibration.yaml").read_text()
+    except FileNotFoundError:
+        return RooflineParams()
+    table = (yaml.safe_load(text) or {}).get("hardware", {})
+    entry = table.get(hardware) or table.get("default")
+    if not entry:
+        return RooflineParams()
+    known = {f.name for f in fields(RooflineParams)}
+    return replace(RooflineParams(), **{k: v for k, v in entry.items() if k in known})
+
+
+class RooflineCost(CostModel):
+    def __init__(self, model: ModelSpec, hardware: HardwareSpec, method: Method | None = None,
+                 tensor_parallel_size: int = 1, params: RooflineParams | None = None,
+                 expert_parallel_size: int = 1):
+        from kvsim.methods.none import NoCompression
+
+        self.model, self.hw = model, hardware
+        self.method = method or NoCompression()
+        self.tp = tensor_parallel_size
+        self.ep = expert_parallel_size
+        self.params = params or calibrated_params(hardware.name)
+        self.name = "roofline"
+        self.peak_flops = hardware.fp8_flops if (model.dtype_bytes == 1 and hardware.fp8_flops) else hardware.fp16_flops
+        self._flops_rate = self.peak_flops * self.params.eff_flops
+        self._attn_rate = self.peak_flops * self.params.eff_attn_flops
+        self._bw = hardware.mem_bw_bytes_per_s * self.params.eff_mem
+        self._dense_cache: dict[int, float] = {}
+
+    # -- primitives --------------------------------------------------------------------------
+    def _t(self, w: Work, attn: bool = False) -> float:
+        if w.flops == 0.0 and w.bytes == 0.0:
+            return 0.0
+        rate = self._attn_rate if attn else self._flops_rate
+        return max(w.flops / rate, w.bytes / self._bw) + self.params.kernel_overhead_s
+
+    # -- per-layer linear work over T tokens ----------------------------------------------------
+    def linear_works(self, T: int) -> dict[str, Work]:
+        m, p, b = self.model, self.tp, self.model.dtype_bytes
+        h, q, k = m.hidden_size, m.q_size, m.kv_size
+        works = {
+            "qkv": Work(2.0 * T * h * (q + 2 * k) / p, b * (h * (q + 2 * k) / p + T * h + T * (q + 2 * k) / p)),
+            "o": Work(2.0 * T * q * h / p, b * (q * h / p + T * q / p + T * h)),
+            "other": Work(0.0, 10.0 * T * h * b),
+        }
+        if m.is_moe:
+            E, topk, ie = m.num_experts, m.num_experts_per_tok, m.moe_intermediate_size
+            touched = E * (1.0 - (1.0 - topk / E) ** T)
+            experts_here = touched / self.ep
+            flops = 6.0 * T * topk * h * ie / (p * self.ep) + 2.0 * T * h * E
+            shared = m.num_shared_experts * 3 * h * ie
+            works["mlp"] = Work(flops + 6.0 * T * h * m.num_shared_experts * ie / p,
+                                b * (experts_here * 3 * h * ie / p + shared / p + h * E + 2 * T * h + 3 * T * topk * ie / p))
+        else:
+            i = m.intermediate_size
+            works["mlp"] = Work(6.0 * T * h * i / p, b * (3 * h * i / p + T * h + 3 * T * i / p))
+        return works
+
+    def allreduce_time_s(self, T: int) -> float:
+        if self.tp == 1:
+            return 0.0
+        nbytes = T * self.model.hidden_size * self.model.dtype_bytes
+        ring = 2.0 * (self.tp - 1) / self.tp * nbytes / self.hw.interconnect_bw_bytes_per_s
+        return 2.0 * (ring + self.params.allreduce_latency_s)
+
+    def lm_head_time_s(self, rows: int) -> float:
+        if rows == 0:
+            return 0.0
+        m, b = self.model, self.model.dtype_bytes
+        return self._t(Work(2.0 * rows * m.hidden_size * m.vocab_size / self.tp,
+                            b * (m.hidden_size * m.vocab_size / self.tp + rows * m.hidden_size)))
+
+    def dense_time_s(self, T: int, logit_rows: int) -> float:
+        """Everything of a step that depends only on token counts (not on attention)."""
+        per_layer = sum(self._t(w) for w in self.linear_works(T).values()) + self.allreduce_time_s(T)
+        return self.model.num_layers * per_layer + self.lm_head_time_s(logit_rows) + self.params.step_overhead_s
+
+    # -- attention ---------------------------------------------------------------------------------
+    def decode_attention_time_s(self, num_seqs: int, kept: int) -> float:
+        if num_seqs == 0:
+            return 0.0
+        m, tp = self.model, self.tp
+        t = self._t(self.method.decode_attention_work(m, tp, num_seqs, kept), attn=True)
+        t += self._t(self.method.decode_extra_work(m, tp, num_seqs, kept))
+        return m.num_layers * t
+
+    def prefill_attention_time_s(self, chunks) -> float:
+        m, tp, meth = self.model, self.tp, self.method
+        t = 0.0
+        for q, kv, last in chunks:
+            t += self._t(meth.prefill_attention_work(m, tp, q, kv), attn=True)
+            t += self._t(meth.prefill_extra_work(m, tp, q, kv, last))
+        return m.num_layers * t
+
+    # -- the interface -----------------------------------------------------------------------------
+    def step_time_s(self, shape: StepShape) -> float:
+        if not shape.prefill_chunks:
+            return self.decode_step_time_s(shape.num_decode_seqs, shape.decode_kept_tokens)
+        dense = self.dense_time_s(shape.num_tokens, shape.num_logit_tokens)
+        return (dense + self.decode_attention_time_s(shape.num_decode_seqs, shape.decode_kept_tokens)
+                + self.prefill_attention_time_s(shape.prefill_chunks))
+
+    def decode_step_time_s(self, num_seqs: int, kept_tokens_sum: int) -> float:
+        dense = self._dense_cache.get(num_seqs)
+        if dense is None:
+            dense = self._dense_cache[num_seqs] = self.dense_time_s(num_seqs, num_seqs)
+        return dense + self.decode_attention_time_s(num_seqs, kept_tokens_sum)
+
+    def breakdown(self, shape: StepShape) -> dict[str, float]:
+        L = self.model.num_layers
+        out = {k: L * self._t(w) for k, w in self.linear_works(shape.num_tokens).items()}
+        out["allreduce"] = L * self.allreduce_time_s(shape.num_tokens)
+        out["lm_head"] = self.lm_head_time_s(shape.num_logit_tokens)
+        out["attn_decode"] = self.decode_attention_time_s(shape.num_decode_seqs, shape.decode_kept_tokens)
+        out["attn_prefill"] = self.prefill_attention_time_s(shape.prefill_chunks)
+        out["step_overhead"] = self.params.step_overhead_s
+        out["total"] = self.step_time_s(shape)
+        return out
+
+
+def tokens_per_second_limit(cost: RooflineCost, batch: int, context: int) -> float:
+    """Decode tokens/s a replica reaches at a fixed batch and context (for physics checks)."""
+    return batch / cost.decode_step_time_s(batch, batch * context)
+
+
+__all__ = ["RooflineCost", "RooflineParams", "calibrated_params", "tokens_per_second_limit"]

@@ -1,0 +1,94 @@
+"""What a compression method's KV costs in blocks (mechanism, as vLLM V1's ``kv_cache_manager.py``).
+
+The scheduler asks ``allocate_slots(seq, n)`` before giving a sequence ``n`` new tokens; this class
+turns the method's kept-token count into blocks of the pool. A block holds ``block_size`` kept tokens
+in the method's storage format, so a method with fewer bytes per token gets more blocks from the same
+memory. Methods that cannot use paged blocks reserve their whole lifetime footprint contiguously at
+admission, as their reference implementations do.
+"""
+
+from __future__ import annotations
+
+from kvsim.engine.block_manager import BlockManager
+from kvsim.engine.sequence import Sequence
+from kvsim.methods.base import Method
+from kvsim.specs.model import ModelSpec
+
+
+def num_blocks_for_bytes(capacity_bytes: float, block_size: int, method: Method, model: ModelSpec, tp: int) -> int:
+    return max(0, int(capacity_bytes // (block_size * method.bytes_per_token(model, tp))))
+
+
+class KVCacheManager:
+    def __init__(self, pool: BlockManager, method: Method, model: ModelSpec, tp: int):
+        self.pool = pool
+        self.method = method
+        self.bs = pool.block_size
+        block_bytes = self.bs * method.bytes_per_token(model, tp)
+        extra = method.extra_bytes_per_seq(model, tp)
+        #: blocks each sequence needs beyond its kept tokens (e.g. KIVI's full-precision tail)
+        self.extra_blocks = int(-(-extra // block_bytes)) if extra > 0 else 0
+        self.paged = method.paged
+        self.prefix_sharing = pool.enable_prefix_caching and method.shares_prefix
+
+    def blocks_for(self, seq: Sequence, computed_tokens: int) -> int:
+        kept = self.method.kept_tokens(seq.prefill_base, computed_tokens)
+        return -(-kept // self.bs) + self.extra_blocks
+
+    def lifetime_blocks(self, prefill_base: int, final_context: int) -> int:
+        """Most blocks a sequence ever holds: all of its prompt during prefill, then what the method keeps."""
+        kept = max(prefill_base, self.method.kept_tokens(prefill_base, final_context))
+        return -(-kept // self.bs) + self.extra_blocks
+
+    def reservation(self, seq: Sequence) -> int:
+        # the last sampled token's KV is never computed
+        return self.lifetime_blocks(seq.prefill_base, seq.prompt_tokens + seq.output_tokens - 1)
+
+    def can_ever_fit(self, seq: Sequence) -> bool:
+        return self.reservation(seq) <= self.pool.num_blocks
+
+    def allocate_slots(self, seq: Sequence, num_new_tokens: int) -> bool:
+        target = self.blocks_for(seq, seq.num_computed + num_new_tokens) if self.paged else self.reservation(seq)
+        return self.pool.grow(seq, target)
+
+    def after_compute(self, seq: Sequence) -> None:
+        """The step computed the sequence's new tokens: give back what eviction dropped."""
+        if self.paged:
+            target = self.blocks_for(seq, seq.num_computed)
+            if target < seq.blocks:
+                self.pool.shrink(seq, target)
+        if self.prefix_sharing and seq.hash_keys and seq.generated == 0:
+            self.pool.register_full_blocks(seq, seq.hash_keys, seq.num_computed)
+
+    def start(self, seq: Sequence) -> int:
+        """A sequence is (re)admitted: reuse cached prefix blocks. Returns the hit tokens."""
+        if not self.prefix_sharing or seq.num_computed or not seq.req.prefix_hashes:
+            return 0
+        if seq.hash_keys is None:
+            seq.hash_keys = expand_hashes(seq.req.prefix_hashes, seq.req.hash_block_tokens, self.bs)
+        # vLLM always recomputes at least the last prompt token
+        n = self.pool.match_prefix(seq.hash_keys, (seq.prefill_base - 1) // self.bs)
+        if n:
+            self.pool.acquire_prefix(seq, seq.hash_keys, n)
+            seq.num_computed = n * self.bs
+        if seq.num_preemptions == 0:
+            seq.prefix_hit_tokens = n * self.bs
+        return n * self.bs
+
+    def free(self, seq: Sequence) -> None:
+        self.pool.free(seq)
+
+
+def expand_hashes(hashes, hash_block_tokens: int, block_size: int):
+    """Hashes per engine block. A source hash covering several engine blocks (Mooncake: 512 tokens)
+    names each of them by (hash, position); a block smaller than the engine's cannot be used."""
+    if hash_block_tokens == block_size:
+        return list(hashes)
+    if hash_block_tokens % block_size == 0:
+        k = hash_block_tokens // block_size
+        return [(h, j) for h in hashes for j in range(k)]
+    if block_size % hash_block_tokens == 0:
+        k = block_size // hash_block_tokens
+        # an engine block is named by the chained hash of its last source block
+        return [hashes[i + k - 1] for i in range(0, len(hashes) - k + 1, k)]
+    return []

@@ -1,0 +1,215 @@
+"""One engine replica's step loop, in plain Python (no SimPy): schedule, cost, commit.
+
+The SimPy layer (``sim.py``) calls ``begin()`` at a step's start and ``commit()`` at its end, and waits
+the duration in between. A stretch of pure decode steps during which no scheduling decision can change
+(no arrival, no completion, no block shortage, nobody admissible) is planned and committed in one go
+(``fast-forward``); it computes the same step times, in the same order, as stepping one by one, so the
+results are identical (tests/test_fast_forward.py).
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+from dataclasses import dataclass, field
+
+from kvsim.cost.base import CostModel, StepShape
+from kvsim.engine.kv_cache_manager import KVCacheManager
+from kvsim.engine.scheduler import Scheduler, StepPlan
+from kvsim.engine.sequence import FINISHED, RUNNING, Sequence
+from kvsim.metrics.collector import Recorder
+
+
+@dataclass(slots=True)
+class PendingStep:
+    start_s: float
+    end_s: float
+    plan: StepPlan | None = None
+    #: fast-forward stretch: number of decode steps and each step's duration
+    ff_steps: int = 0
+    ff_durations: list = field(default_factory=list)
+
+
+class Replica:
+    def __init__(self, replica_id: int, scheduler: Scheduler, kv: KVCacheManager, cost: CostModel,
+                 recorder: Recorder, max_model_len: int, fast_forward: bool = True,
+                 reject_over_budget_prompts: bool = False):
+        self.id = replica_id
+        self.scheduler = scheduler
+        self.kv = kv
+        self.method = kv.method
+        self.cost = cost
+        self.rec = recorder
+        self.max_model_len = max_model_len
+        self.fast_forward = fast_forward
+        self.reject_over_budget_prompts = reject_over_budget_prompts
+        #: prompt + output tokens of requests assigned here and not finished (the router's load)
+        self.outstanding_tokens = 0
+        self.num_ff_stretches = 0
+        self.pending: PendingStep | None = None
+
+    # -- arrivals -----------------------------------------------------------------------------------
+    def add(self, seq: Sequence) -> str | None:
+        """Queue a request; returns a rejection reason instead when it can never be served here."""
+        seq.replica = self.id
+        if seq.prompt_tokens + seq.output_tokens > self.max_model_len:
+            return "exceeds_max_model_len"
+        if not self.kv.can_ever_fit(seq):
+            return "kv_capacity"
+        if self.reject_over_budget_prompts and seq.prompt_tokens > self.scheduler.max_num_batched_tokens:
+            return "prompt_exceeds_max_num_batched_tokens"
+        self.outstanding_tokens += seq.prompt_tokens + seq.output_tokens
+        self.scheduler.add(seq)
+        return None
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.scheduler.running or self.scheduler.waiting)
+
+    # -- one step or one stretch ----------------------------------------------------------------------
+    def begin(self, now: float, horizon_s: float = float("inf")) -> PendingStep | None:
+        """Plan the next step (or decode stretch) starting at ``now``; None when there is nothing to run.
+
+        ``horizon_s`` is the next arrival anywhere: a stretch never runs a step that starts at or after it.
+        """
+        sched = self.scheduler
+        plan = sched.schedule()
+        if not plan.scheduled:
+            return None
+        if (self.fast_forward and plan.pure_decode and not plan.preempted
+                and len(plan.scheduled) == len(sched.running) and sched.admission_blocked()):
+            self.pending = self._plan_stretch(now, plan, horizon_s)
+            return self.pending
+        shape = StepShape()
+        meth = self.method
+        for seq, n in plan.scheduled:
+            if n == 1 and seq.generated > 0:
+                shape.num_decode_seqs += 1
+                shape.decode_kept_tokens += meth.kept_tokens(seq.prefill_base, seq.num_computed + 1)
+            else:
+                total = seq.num_computed + n
+                shape.prefill_chunks.append((n, total, total == seq.num_tokens))
+        dt = self.cost.step_time_s(shape)
+        self.pending = PendingStep(now, now + dt, plan)
+        return self.pending
+
+    def _plan_stretch(self, now: float, plan: StepPlan, horizon_s: float) -> PendingStep:
+        seqs = [s for s, _ in plan.scheduled]
+        meth, kv = self.method, self.kv
+        B = len(seqs)
+        steps_to_finish = min(s.output_tokens - s.generated for s in seqs)
+        kept0, growth = [], []
+        for s in seqs:
+            k0 = meth.kept_tokens(s.prefill_base, s.num_computed + 1)
+            lim = meth.kept_limit(s.prefill_base)
+            kept0.append(k0)
+            growth.append(steps_to_finish if lim is None else max(0, lim - k0))
+        n_max = steps_to_finish
+        if kv.paged and n_max > 1:
+            n_max = self._steps_within_memory(seqs, kept0, growth, n_max)
+        # growth[i] = steps after the first during which sequence i's kept count still rises by one
+        stops = sorted(growth)
+        S = sum(kept0)
+        D = B - bisect_right(stops, 0)
+        si = bisect_right(stops, 0)
+        decode_time = self.cost.decode_step_time_s
+        t = now
+        durations = []
+        j = 0
+        while True:
+            dt = decode_time(B, S)
+            t += dt
+            durations.append(dt)
+            j += 1
+            if j >= n_max or t >= horizon_s:
+                break
+            S += D
+            while si < B and stops[si] <= j:
+                si += 1
+            D = B - si
+        self.num_ff_stretches += 1
+        return PendingStep(now, t, plan, ff_steps=j, ff_durations=durations)
+
+    def _steps_within_memory(self, seqs, kept0, growth, n_max: int) -> int:
+        """Largest n <= n_max such that steps 1..n-1 find the blocks they need (step 0 already has them)."""
+        bs, extra = self.kv.bs, self.kv.extra_blocks
+        free = self.kv.pool.num_free
+        held = [s.blocks for s in seqs]
+
+        def need(j: int) -> int:  # blocks to add for the tokens of steps 1..j
+            tot = 0
+            for k0, g, h in zip(kept0, growth, held):
+                kept = k0 + (j if j < g else g)
+                b = -(-kept // bs) + extra - h
+                if b > 0:
+                    tot += b
+            return tot
+
+        if need(n_max - 1) <= free:
+            return n_max
+        lo, hi = 0, n_max - 1  # need(lo) <= free < need(hi)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if need(mid) <= free:
+                lo = mid
+            else:
+                hi = mid
+        return lo + 1
+
+    def commit(self) -> list[Sequence]:
+        """Apply the pending step at its end time; returns the sequences that finished."""
+        p, self.pending = self.pending, None
+        t = p.end_s
+        rec, kv, sched = self.rec, self.kv, self.scheduler
+        finished = []
+        if p.ff_steps:
+            k = p.ff_steps
+            seqs = [s for s, _ in p.plan.scheduled]
+            t1 = p.start_s + p.ff_durations[0]
+            itl = rec.itl
+            for s in seqs:
+                itl.add(t1 - s.last_token_s)
+            if k > 1:
+                # the same durations in the same order as stepping; a batch of B gets B samples each
+                B = len(seqs)
+                for dt in p.ff_durations[1:]:
+                    itl.add(dt, B)
+            for s in seqs:
+                s.num_computed += k
+                s.generated += k
+                s.last_token_s = t
+                if kv.paged:
+                    ok = kv.pool.grow(s, kv.blocks_for(s, s.num_computed))
+                    assert ok, "fast-forward planned more blocks than were free"
+                if s.generated == s.output_tokens:
+                    finished.append(s)
+            rec.step(k, len(seqs))
+        else:
+            plan = p.plan
+            for s, n in plan.scheduled:
+                s.num_computed += n
+                kv.after_compute(s)
+                if s.num_computed == s.num_tokens:
+                    if s.first_token_s is None:
+                        s.first_token_s = t
+                    else:
+                        rec.itl.add(t - s.last_token_s)
+                    s.last_token_s = t
+                    s.generated += 1
+                    if s.generated == s.output_tokens:
+                        finished.append(s)
+            rec.step(1, len(plan.scheduled))
+        rec.kv_used(kv.pool.num_used)
+        if finished:
+            done = set(map(id, finished))
+            sched.running = [s for s in sched.running if id(s) not in done]
+            for s in finished:
+                kv.free(s)
+                s.status = FINISHED
+                self.outstanding_tokens -= s.prompt_tokens + s.output_tokens
+                rec.finish(s, t)
+        rec.timeline(t, self.id, len(sched.running), len(sched.waiting), kv.pool.num_used, kv.pool.num_blocks,
+                     force=bool(finished) and not sched.running and not sched.waiting)
+        return finished
+
+
+__all__ = ["Replica", "PendingStep", "RUNNING"]

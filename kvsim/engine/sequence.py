@@ -1,0 +1,55 @@
+"""Per-request engine state, in vLLM V1's terms: ``num_tokens`` (prompt + generated so far) and
+``num_computed`` (tokens whose KV is in the cache). A step gives a request ``num_tokens - num_computed``
+new tokens at most; when it catches up, the request samples one more token."""
+
+from __future__ import annotations
+
+from kvsim.workload.request import Request
+
+WAITING, RUNNING, FINISHED = 0, 1, 2
+
+
+class Sequence:
+    __slots__ = (
+        "req", "index", "prompt_tokens", "output_tokens", "generated", "num_computed", "prefill_base",
+        "blocks", "shared_hashes", "reserved", "arrival_s", "first_token_s", "last_token_s",
+        "num_preemptions", "prefix_hit_tokens", "status", "hash_keys", "replica",
+    )
+
+    def __init__(self, req: Request, index: int, output_tokens: int):
+        self.req = req
+        #: arrival order, the tie-breaker everywhere (newest = largest)
+        self.index = index
+        self.prompt_tokens = req.prompt_tokens
+        #: output length this run generates (the trace's, times the method's sampled length ratio)
+        self.output_tokens = output_tokens
+        self.generated = 0
+        self.num_computed = 0
+        #: tokens that were prompt for the current (re)admission: the prompt, or prompt + generated
+        #: after a preemption by recompute; methods treat it as the prompt
+        self.prefill_base = req.prompt_tokens
+        #: KV blocks held (shared prefix blocks included)
+        self.blocks = 0
+        self.shared_hashes: list = []
+        #: non-paged method: the contiguous reservation has been made
+        self.reserved = False
+        self.arrival_s = req.arrival_time_s
+        self.first_token_s: float | None = None
+        self.last_token_s: float | None = None
+        self.num_preemptions = 0
+        self.prefix_hit_tokens = 0
+        self.status = WAITING
+        self.hash_keys = None
+        self.replica = -1
+
+    @property
+    def num_tokens(self) -> int:
+        return self.prompt_tokens + self.generated
+
+    @property
+    def in_decode(self) -> bool:
+        return self.generated > 0 and self.num_computed + 1 == self.num_tokens
+
+    def __repr__(self) -> str:
+        return (f"Sequence({self.req.request_id!r}, computed={self.num_computed}/{self.num_tokens}, "
+                f"gen={self.generated}/{self.output_tokens}, blocks={self.blocks})")

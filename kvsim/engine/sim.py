@@ -1,0 +1,135 @@
+"""The SimPy layer, deliberately thin: an arrival process routes requests to replicas, and one
+process per replica alternates ``begin`` / wait / ``commit``. All decisions live in plain Python
+objects (replica, scheduler, block manager, cost model), which are tested without SimPy.
+
+Ordering at equal times: arrivals are scheduled URGENT, so a step that ends exactly when a request
+arrives sees that request when it plans the next step (as vLLM's engine loop would).
+"""
+
+from __future__ import annotations
+
+import math
+
+import simpy
+from simpy.events import URGENT
+
+from kvsim.engine.output_length import LengthSampler
+from kvsim.engine.replica import Replica
+from kvsim.engine.sequence import Sequence
+from kvsim.metrics.collector import Recorder
+from kvsim.workload.request import InvalidRecord
+
+
+def _delay_to(now: float, t: float) -> float:
+    """A delay d with now + d == t exactly in floating point, so clocks never drift between runs."""
+    d = t - now
+    if d < 0:
+        return 0.0
+    while now + d < t:
+        d = math.nextafter(d, math.inf)
+    while d > 0 and now + d > t:
+        d = math.nextafter(d, -math.inf)
+    return d
+
+
+class Simulation:
+    def __init__(self, replicas: list[Replica], router, recorder: Recorder, lengths: LengthSampler,
+                 progress=None, check_invariants: bool = False):
+        self.env = simpy.Environment()
+        self.replicas = replicas
+        self.router = router
+        self.rec = recorder
+        self.lengths = lengths
+        self.progress = progress
+        self.check_invariants = check_invariants
+        self.next_arrival_s = math.inf
+        self._wake: dict[int, simpy.Event | None] = {r.id: None for r in replicas}
+        self.num_events = 0
+        self.live: dict[int, Sequence] = {}
+
+    def _at(self, t: float, priority: int = URGENT) -> simpy.Event:
+        ev = self.env.event()
+        ev._ok = True
+        ev._value = None
+        self.env.schedule(ev, priority, _delay_to(self.env.now, t))
+        return ev
+
+    def _arrivals(self, source):
+        it = iter(source)
+        nxt = next(it, None)
+        index = 0
+        last_t = 0.0
+        rec = self.rec
+        while nxt is not None:
+            item, nxt = nxt, next(it, None)
+            if isinstance(item, InvalidRecord):
+                rec.arrival(item.arrival_time_s)
+                rec.reject(f"line-{item.line}", item.arrival_time_s, None, None, f"invalid_{item.code}")
+                continue
+            t = max(item.arrival_time_s, last_t)
+            last_t = t
+            if t > self.env.now:
+                self.next_arrival_s = t
+                self.num_events += 1
+                yield self._at(t)
+            self.next_arrival_s = self._peek_time(nxt, t)
+            rec.arrival(item.arrival_time_s)
+            seq = Sequence(item, index, self.lengths.output_tokens(item.output_tokens))
+            index += 1
+            r = self.router.pick(self.replicas)
+            reason = r.add(seq)
+            if reason:
+                rec.reject(item.request_id, item.arrival_time_s, item.prompt_tokens, item.output_tokens, reason, r.id)
+            else:
+                if self.check_invariants:
+                    self.live[id(seq)] = seq
+                ev = self._wake[r.id]
+                if ev is not None and not ev.triggered:
+                    ev.succeed()
+            if self.progress is not None and index % 1024 == 0:
+                self.progress.update(1024)
+        self.next_arrival_s = math.inf
+        if self.progress is not None:
+            self.progress.update(index % 1024)
+
+    def _peek_time(self, nxt, floor: float) -> float:
+        # the next item that will be an arrival (invalid records are rejected without waiting)
+        if nxt is None:
+            return math.inf
+        if isinstance(nxt, InvalidRecord):
+            return floor
+        return max(nxt.arrival_time_s, floor)
+
+    def _replica(self, r: Replica):
+        env = self.env
+        while True:
+            p = r.begin(env.now, self.next_arrival_s)
+            if p is None:
+                ev = self._wake[r.id] = env.event()
+                yield ev
+                self._wake[r.id] = None
+                continue
+            self.num_events += 1
+            yield env.timeout(_delay_to(env.now, p.end_s))
+            finished = r.commit()
+            if self.check_invariants:
+                for s in finished:
+                    self.live.pop(id(s), None)
+                live = [s for s in self.live.values() if s.replica == r.id]
+                r.kv.pool.check(live)
+                assert r.kv.pool.num_used <= r.kv.pool.num_blocks
+
+    def run(self, source) -> float:
+        env = self.env
+        arrivals = env.process(self._arrivals(source))
+        for r in self.replicas:
+            env.process(self._replica(r))
+        env.run(until=arrivals)
+        # drain: every replica runs until idle
+        while any(r.busy or r.pending for r in self.replicas):
+            try:
+                env.step()
+            except simpy.core.EmptySchedule:
+                stuck = {r.id: (len(r.scheduler.running), len(r.scheduler.waiting)) for r in self.replicas if r.busy}
+                raise RuntimeError(f"simulation stalled with work left (replica: (running, waiting)) {stuck}") from None
+        return env.now

@@ -1,0 +1,141 @@
+"""Everything a replay measures, streamed: per-request rows go to ``requests.csv`` as they finish,
+latencies into bounded-memory percentile accumulators, engine state into ``timeline.csv``."""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections import Counter
+from dataclasses import dataclass
+
+from kvsim.engine.sequence import Sequence
+from kvsim.metrics.quantiles import Quantiles
+
+REQUEST_COLUMNS = [
+    "request_id", "replica", "status", "reject_reason", "arrival_time_s", "prompt_tokens",
+    "trace_output_tokens", "output_tokens", "output_length_ratio", "first_token_time_s", "finish_time_s",
+    "ttft_ms", "tpot_ms", "e2el_ms", "num_preemptions", "prefix_hit_tokens",
+]
+TIMELINE_COLUMNS = ["time_s", "replica", "batch_size", "num_waiting", "kv_blocks_used", "kv_blocks_total"]
+
+
+@dataclass
+class SLO:
+    ttft_ms: float | None = None
+    tpot_ms: float | None = None
+    e2el_ms: float | None = None
+
+    def met(self, ttft_ms: float, tpot_ms: float, e2el_ms: float) -> bool:
+        return ((self.ttft_ms is None or ttft_ms <= self.ttft_ms)
+                and (self.tpot_ms is None or tpot_ms <= self.tpot_ms)
+                and (self.e2el_ms is None or e2el_ms <= self.e2el_ms))
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in (("ttft_ms", self.ttft_ms), ("tpot_ms", self.tpot_ms), ("e2el_ms", self.e2el_ms)) if v is not None}
+
+
+def _fmt(x) -> str:
+    if x is None:
+        return ""
+    if isinstance(x, float):
+        return repr(round(x, 9))
+    return str(x)
+
+
+class Recorder:
+    def __init__(self, requests_out: io.TextIOBase | None = None, timeline_out: io.TextIOBase | None = None,
+                 slo: SLO | None = None, timeline_interval_s: float = 1.0, keep_rows: bool = False):
+        self._req_writer = csv.writer(requests_out, lineterminator="\n") if requests_out else None
+        if self._req_writer:
+            self._req_writer.writerow(REQUEST_COLUMNS)
+        self._tl_writer = csv.writer(timeline_out, lineterminator="\n") if timeline_out else None
+        if self._tl_writer:
+            self._tl_writer.writerow(TIMELINE_COLUMNS)
+        self.timeline_interval_s = timeline_interval_s
+        self._tl_last: dict[int, float] = {}
+        self.slo = slo or SLO()
+        self.ttft = Quantiles()
+        self.tpot = Quantiles()
+        self.e2el = Quantiles()
+        self.itl = Quantiles()
+        self.num_arrivals = 0
+        self.completed = 0
+        self.rejected = Counter()
+        self.good = 0
+        self.output_tokens = 0
+        self.prompt_tokens = 0
+        self.trace_output_tokens = 0
+        self.first_arrival_s: float | None = None
+        self.last_finish_s = 0.0
+        self.num_steps = 0
+        self.num_preemptions = 0
+        self.peak_batch_size = 0
+        self.peak_kv_blocks = 0
+        self.batch_size_sum = 0.0
+        self.prefix_query_tokens = 0
+        self.prefix_hit_tokens = 0
+        self.length_ratio_sum = 0.0
+        #: per-request rows kept in memory (API use and tests); None unless asked for
+        self.rows: list | None = [] if keep_rows else None
+
+    # -- arrivals and rejections -------------------------------------------------------------------
+    def arrival(self, arrival_time_s: float | None) -> None:
+        self.num_arrivals += 1
+        if arrival_time_s is not None and self.first_arrival_s is None:
+            self.first_arrival_s = arrival_time_s
+
+    def reject(self, request_id: str, arrival_time_s, prompt_tokens, output_tokens, reason: str, replica: int = -1) -> None:
+        self.rejected[reason] += 1
+        self._row([request_id, replica, "rejected", reason, arrival_time_s, prompt_tokens, output_tokens,
+                   None, None, None, None, None, None, None, 0, 0])
+
+    # -- engine events ----------------------------------------------------------------------------------
+    def step(self, num_steps: int, batch_size: int) -> None:
+        self.num_steps += num_steps
+        self.batch_size_sum += batch_size * num_steps
+        if batch_size > self.peak_batch_size:
+            self.peak_batch_size = batch_size
+
+    def kv_used(self, blocks: int) -> None:
+        if blocks > self.peak_kv_blocks:
+            self.peak_kv_blocks = blocks
+
+    def timeline(self, t: float, replica: int, batch_size: int, waiting: int, used: int, total: int, force: bool = False) -> None:
+        last = self._tl_last.get(replica)
+        if not force and last is not None and t - last < self.timeline_interval_s:
+            return
+        self._tl_last[replica] = t
+        if self._tl_writer:
+            self._tl_writer.writerow([_fmt(t), replica, batch_size, waiting, used, total])
+
+    def finish(self, seq: Sequence, t: float) -> None:
+        ttft_s = seq.first_token_s - seq.arrival_s
+        e2el_s = t - seq.arrival_s
+        tpot_s = (t - seq.first_token_s) / (seq.output_tokens - 1) if seq.output_tokens > 1 else 0.0
+        self.completed += 1
+        self.ttft.add(ttft_s)
+        self.e2el.add(e2el_s)
+        if seq.output_tokens > 1:
+            self.tpot.add(tpot_s)
+        if self.slo.met(ttft_s * 1e3, tpot_s * 1e3, e2el_s * 1e3):
+            self.good += 1
+        self.output_tokens += seq.generated
+        self.prompt_tokens += seq.prompt_tokens
+        self.trace_output_tokens += seq.req.output_tokens
+        self.length_ratio_sum += seq.output_tokens / seq.req.output_tokens
+        self.num_preemptions += seq.num_preemptions
+        self.prefix_hit_tokens += seq.prefix_hit_tokens
+        if seq.req.prefix_hashes:
+            self.prefix_query_tokens += seq.prompt_tokens
+        if t > self.last_finish_s:
+            self.last_finish_s = t
+        self._row([seq.req.request_id, seq.replica, "completed", None, seq.arrival_s, seq.prompt_tokens,
+                   seq.req.output_tokens, seq.generated, seq.output_tokens / seq.req.output_tokens,
+                   seq.first_token_s, t, ttft_s * 1e3, tpot_s * 1e3, e2el_s * 1e3,
+                   seq.num_preemptions, seq.prefix_hit_tokens])
+
+    def _row(self, values: list) -> None:
+        if self._req_writer:
+            self._req_writer.writerow([_fmt(v) for v in values])
+        if self.rows is not None:
+            self.rows.append(dict(zip(REQUEST_COLUMNS, values)))
