@@ -3,57 +3,47 @@ profile does not cover (absent table, point outside the grid, or next to a missi
 
 from __future__ import annotations
 
-from importlib import resources
+from functools import lru_cache
 from pathlib import Path
 
 from kvsim.cost.base import CostModel, StepShape
 from kvsim.cost.roofline import RooflineCost
 
-PROFILE_DIRS = [Path(__file__).resolve().parents[2] / "profiles"]
+PROFILES_ROOT = Path(__file__).resolve().parents[2] / "profiles"
 
 
-def _profile_files():
-    seen = set()
-    for d in PROFILE_DIRS:
-        if d.is_dir():
-            for p in sorted(d.rglob("*.json")):
-                if p.resolve() not in seen:
-                    seen.add(p.resolve())
-                    yield p
+def profile_candidates(model: str, hardware: str, tp: int, root: Path | None = None) -> list[Path]:
+    """Committed kernel profiles are named ``<hardware>__<model>__tp<N>.json``; a kvprof GPU run
+    (anywhere but ``imported/``) ranks before an imported one."""
+    root = root or PROFILES_ROOT
+    if not root.is_dir():
+        return []
+    found = sorted(root.rglob(f"{hardware}__{model}__tp{tp}.json"))
+    return sorted(found, key=lambda p: ("imported" in p.parts, str(p)))
 
 
 def find_profile(model: str, hardware: str, tp: int):
-    """The committed profile for this (model, hardware, TP) with kernel tables, if there is one."""
-    try:
-        from kvsim.cost.profile import load_profile
-    except ImportError:
-        return None
-    best = None
-    for p in _profile_files():
-        try:
-            prof = load_profile(p)
-        except Exception:
-            continue
-        if prof.model == model and prof.hardware == hardware and prof.tensor_parallel_size == tp and prof.tables:
-            # a kvprof GPU run beats an imported profile of the same pair
-            rank = 0 if "kvprof" in str(prof.provenance.get("source", "")) else 1
-            if best is None or rank < best[0]:
-                best = (rank, prof)
-    return best[1] if best else None
+    """The committed profile for this (model, hardware, TP), or None (then the roofline is used)."""
+    from kvsim.cost.profile import load_profile
+
+    for p in profile_candidates(model, hardware, tp):
+        return load_profile(p)
+    return None
+
+
+@lru_cache(maxsize=1)
+def _length_profiles():
+    from kvsim.cost.profile import load_profile
+
+    d = PROFILES_ROOT / "lengths"
+    return [(p, load_profile(p)) for p in sorted(d.glob("*.json"))] if d.is_dir() else []
 
 
 def measured_lengths(method_spec: str):
-    """A measured length-ratio distribution for this exact method setting from committed profiles."""
+    """A measured length-ratio distribution for this exact method setting (``profiles/lengths/``)."""
     from kvsim.methods.base import LengthRatio
-    try:
-        from kvsim.cost.profile import load_profile
-    except ImportError:
-        return None
-    for p in _profile_files():
-        try:
-            prof = load_profile(p)
-        except Exception:
-            continue
+
+    for p, prof in _length_profiles():
         entry = (prof.lengths or {}).get(method_spec)
         if entry and entry.get("ratios"):
             return LengthRatio(source=f"measured: {prof.name} ({p.name})", samples=tuple(entry["ratios"]))

@@ -30,6 +30,7 @@ defaults below are used for hardware without a fit.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields, replace
 from importlib import resources
 
@@ -91,6 +92,7 @@ class RooflineCost(CostModel):
         self._attn_rate = self.peak_flops * self.params.eff_attn_flops
         self._bw = hardware.mem_bw_bytes_per_s * self.params.eff_mem
         self._dense_cache: dict[int, float] = {}
+        self._affine: dict[int, object] = {}
 
     # -- primitives --------------------------------------------------------------------------
     def _t(self, w: Work, attn: bool = False) -> float:
@@ -144,10 +146,41 @@ class RooflineCost(CostModel):
     def decode_attention_time_s(self, num_seqs: int, kept: int) -> float:
         if num_seqs == 0:
             return 0.0
+        coef = self._affine.get(num_seqs)
+        if coef is None:
+            coef = self._affine[num_seqs] = self._affine_coefficients(num_seqs)
+        if coef is False:
+            return self._decode_attention_direct(num_seqs, kept)
+        fa0, fa1, ba0, ba1, fe0, fe1, be0, be1 = coef
+        ko = self.params.kernel_overhead_s
+        t = max((fa0 + fa1 * kept) / self._attn_rate, (ba0 + ba1 * kept) / self._bw) + ko
+        fe, be = fe0 + fe1 * kept, be0 + be1 * kept
+        if fe or be:
+            t += max(fe / self._flops_rate, be / self._bw) + ko
+        return self.model.num_layers * t
+
+    def _decode_attention_direct(self, num_seqs: int, kept: int) -> float:
         m, tp = self.model, self.tp
         t = self._t(self.method.decode_attention_work(m, tp, num_seqs, kept), attn=True)
         t += self._t(self.method.decode_extra_work(m, tp, num_seqs, kept))
         return m.num_layers * t
+
+    def _affine_coefficients(self, B: int):
+        """Per batch size, decode work is affine in the kept-token sum for every shipped method;
+        precomputing the coefficients makes the fast-forward loop cheap. Checked at a third point, and
+        a method whose work is not affine is costed by direct calls instead."""
+        m, tp, meth = self.model, self.tp, self.method
+        x1 = 1 << 20
+        a0, a1 = meth.decode_attention_work(m, tp, B, 0), meth.decode_attention_work(m, tp, B, x1)
+        e0, e1 = meth.decode_extra_work(m, tp, B, 0), meth.decode_extra_work(m, tp, B, x1)
+        coef = (a0.flops, (a1.flops - a0.flops) / x1, a0.bytes, (a1.bytes - a0.bytes) / x1,
+                e0.flops, (e1.flops - e0.flops) / x1, e0.bytes, (e1.bytes - e0.bytes) / x1)
+        x = 98_765
+        for w, c0, c1 in ((meth.decode_attention_work(m, tp, B, x), 0, 2), (meth.decode_extra_work(m, tp, B, x), 4, 6)):
+            if not (math.isclose(w.flops, coef[c0] + coef[c0 + 1] * x, rel_tol=1e-9, abs_tol=1e-6)
+                    and math.isclose(w.bytes, coef[c1] + coef[c1 + 1] * x, rel_tol=1e-9, abs_tol=1e-6)):
+                return False
+        return coef
 
     def prefill_attention_time_s(self, chunks) -> float:
         m, tp, meth = self.model, self.tp, self.method

@@ -30,9 +30,11 @@ class KVCacheManager:
         self.extra_blocks = int(-(-extra // block_bytes)) if extra > 0 else 0
         self.paged = method.paged
         self.prefix_sharing = pool.enable_prefix_caching and method.shares_prefix
+        # the full cache keeps every token: skip the method call on the hot path
+        self._keeps_all = type(method).kept_tokens is Method.kept_tokens
 
     def blocks_for(self, seq: Sequence, computed_tokens: int) -> int:
-        kept = self.method.kept_tokens(seq.prefill_base, computed_tokens)
+        kept = computed_tokens if self._keeps_all else self.method.kept_tokens(seq.prefill_base, computed_tokens)
         return -(-kept // self.bs) + self.extra_blocks
 
     def lifetime_blocks(self, prefill_base: int, final_context: int) -> int:
@@ -48,12 +50,24 @@ class KVCacheManager:
         return self.reservation(seq) <= self.pool.num_blocks
 
     def allocate_slots(self, seq: Sequence, num_new_tokens: int) -> bool:
-        target = self.blocks_for(seq, seq.num_computed + num_new_tokens) if self.paged else self.reservation(seq)
-        return self.pool.grow(seq, target)
+        if self.paged:
+            c = seq.num_computed + num_new_tokens
+            kept = c if self._keeps_all else self.method.kept_tokens(seq.prefill_base, c)
+            target = -(-kept // self.bs) + self.extra_blocks
+        elif seq.reserved:
+            return True
+        else:
+            target = self.reservation(seq)
+        if target <= seq.blocks:
+            return True
+        if not self.pool.grow(seq, target):
+            return False
+        seq.reserved = not self.paged
+        return True
 
     def after_compute(self, seq: Sequence) -> None:
         """The step computed the sequence's new tokens: give back what eviction dropped."""
-        if self.paged:
+        if self.paged and not self._keeps_all:
             target = self.blocks_for(seq, seq.num_computed)
             if target < seq.blocks:
                 self.pool.shrink(seq, target)

@@ -97,12 +97,16 @@ class Replica:
         meth, kv = self.method, self.kv
         B = len(seqs)
         steps_to_finish = min(s.output_tokens - s.generated for s in seqs)
-        kept0, growth = [], []
-        for s in seqs:
-            k0 = meth.kept_tokens(s.prefill_base, s.num_computed + 1)
-            lim = meth.kept_limit(s.prefill_base)
-            kept0.append(k0)
-            growth.append(steps_to_finish if lim is None else max(0, lim - k0))
+        if kv._keeps_all:
+            kept0 = [s.num_computed + 1 for s in seqs]
+            growth = [steps_to_finish] * B
+        else:
+            kept0, growth = [], []
+            for s in seqs:
+                k0 = meth.kept_tokens(s.prefill_base, s.num_computed + 1)
+                lim = meth.kept_limit(s.prefill_base)
+                kept0.append(k0)
+                growth.append(steps_to_finish if lim is None else max(0, lim - k0))
         n_max = steps_to_finish
         if kv.paged and n_max > 1:
             n_max = self._steps_within_memory(seqs, kept0, growth, n_max)
@@ -165,38 +169,39 @@ class Replica:
             k = p.ff_steps
             seqs = [s for s, _ in p.plan.scheduled]
             t1 = p.start_s + p.ff_durations[0]
-            itl = rec.itl
-            for s in seqs:
-                itl.add(t1 - s.last_token_s)
+            rec.itl.add_many([t1 - s.last_token_s for s in seqs])
             if k > 1:
                 # the same durations in the same order as stepping; a batch of B gets B samples each
-                B = len(seqs)
-                for dt in p.ff_durations[1:]:
-                    itl.add(dt, B)
+                rec.itl.add_many(p.ff_durations[1:], len(seqs))
+            paged, grow, blocks_for = kv.paged, kv.pool.grow, kv.blocks_for
             for s in seqs:
                 s.num_computed += k
                 s.generated += k
                 s.last_token_s = t
-                if kv.paged:
-                    ok = kv.pool.grow(s, kv.blocks_for(s, s.num_computed))
-                    assert ok, "fast-forward planned more blocks than were free"
+                if paged:
+                    target = blocks_for(s, s.num_computed)
+                    if target > s.blocks and not grow(s, target):
+                        raise AssertionError("fast-forward planned more blocks than were free")
                 if s.generated == s.output_tokens:
                     finished.append(s)
             rec.step(k, len(seqs))
         else:
             plan = p.plan
+            itl = []
+            after_compute = kv.after_compute
             for s, n in plan.scheduled:
                 s.num_computed += n
-                kv.after_compute(s)
-                if s.num_computed == s.num_tokens:
+                after_compute(s)
+                if s.num_computed == s.prompt_tokens + s.generated:
                     if s.first_token_s is None:
                         s.first_token_s = t
                     else:
-                        rec.itl.add(t - s.last_token_s)
+                        itl.append(t - s.last_token_s)
                     s.last_token_s = t
                     s.generated += 1
                     if s.generated == s.output_tokens:
                         finished.append(s)
+            rec.itl.add_many(itl)
             rec.step(1, len(plan.scheduled))
         rec.kv_used(kv.pool.num_used)
         if finished:

@@ -86,11 +86,17 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         running = self.running
         kv = self.kv
+        # full-cache fast path: a sequence needs a new block only when it crosses a block boundary
+        fast = kv.paged and kv._keeps_all
+        bs, extra = kv.bs, kv.extra_blocks
         i = 0
         while i < len(running) and budget > 0:
             seq = running[i]
-            n = min(seq.num_tokens - seq.num_computed, budget)
-            while not kv.allocate_slots(seq, n):
+            n = seq.prompt_tokens + seq.generated - seq.num_computed
+            if n > budget:
+                n = budget
+            has_room = fast and -(-(seq.num_computed + n) // bs) + extra <= seq.blocks
+            while not has_room and not kv.allocate_slots(seq, n):
                 victim = running.pop()
                 self._preempt(victim)
                 plan.preempted.append(victim)
@@ -100,7 +106,7 @@ class Scheduler:
             if n == 0:
                 break
             plan.scheduled.append((seq, n))
-            if not (n == 1 and seq.generated > 0):
+            if n != 1 or seq.generated == 0:
                 plan.pure_decode = False
             budget -= n
             i += 1

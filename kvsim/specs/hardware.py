@@ -1,4 +1,21 @@
-"""GPU datasheet figures. Data in ``specs/data/hardware.yaml``, each figure with its source beside it."""
+"""GPU datasheet figures. Data in ``specs/data/hardware.yaml``, each figure with its source beside it.
+
+YAML layout (one mapping per GPU, plus an optional top-level ``aliases`` mapping)::
+
+    h100:
+      memory_gb: 80            # capacity as the vendor states it (decimal GB)
+      memory_bytes: 85028896768  # optional: bytes CUDA reports as total; overrides memory_gb
+      mem_bw_gb_s: 3350        # peak DRAM bandwidth, 1e9 B/s
+      fp16_tflops: 989.4       # dense fp16/bf16 tensor peak, FP32 accumulate
+      fp8_tflops: 1978.9       # dense fp8 tensor peak; 0 = no fp8 tensor cores
+      interconnect_gb_s: 450   # GPU-to-GPU, one direction, per GPU
+      sources: {memory_gb: "...", ...}   # one entry per figure
+    aliases:
+      h100-sxm: h100
+
+``fp8_flops == 0`` means the GPU has no FP8 tensor cores; callers fall back to the fp16 peak
+(``kvsim.cost.roofline`` does). ``supports_fp8`` says so explicitly.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +24,13 @@ from importlib import resources
 
 import yaml
 
-from kvsim.errors import UnknownNameError
+from kvsim.errors import ConfigError, UnknownNameError
 
 GIB = 1024**3
+
+#: the figures every entry must carry, each with a source
+FIGURE_KEYS = ("memory_gb", "mem_bw_gb_s", "fp16_tflops", "fp8_tflops", "interconnect_gb_s")
+_RESERVED = ("aliases",)
 
 
 @dataclass(frozen=True)
@@ -25,28 +46,73 @@ class HardwareSpec:
     interconnect_bw_bytes_per_s: float
     sources: dict = field(default_factory=dict, compare=False)
 
+    @property
+    def supports_fp8(self) -> bool:
+        """False where the datasheet has no FP8 tensor rate (stored as 0): use ``fp16_flops`` instead."""
+        return self.fp8_flops > 0
+
+
+def _raw_table() -> dict:
+    text = resources.files("kvsim.specs").joinpath("data/hardware.yaml").read_text()
+    table = yaml.safe_load(text) or {}
+    if not isinstance(table, dict):
+        raise ConfigError("specs/data/hardware.yaml: top level must be a mapping of GPU names")
+    return table
+
 
 def _table() -> dict:
-    text = resources.files("kvsim.specs").joinpath("data/hardware.yaml").read_text()
-    return yaml.safe_load(text)
+    """GPU entries only (the ``aliases`` mapping removed)."""
+    return {k: v for k, v in _raw_table().items() if k not in _RESERVED}
+
+
+def _aliases() -> dict:
+    """Alias -> canonical name; keys normalised like user input (YAML may parse ``4090`` as an int)."""
+    return {_key(k): _key(v) for k, v in (_raw_table().get("aliases") or {}).items()}
 
 
 def known_hardware() -> list[str]:
     return sorted(_table())
 
 
+def _key(name: str) -> str:
+    return str(name).strip().lower().replace("_", "-")
+
+
 def load_hardware(name: str) -> HardwareSpec:
-    table = _table()
-    key = name.lower()
+    """A GPU by its short name (``h100``) or an alias (``h100-sxm``); case and ``_``/``-`` are ignored."""
+    table, aliases = _table(), _aliases()
+    key = _key(name)
+    key = aliases.get(key, key)
     if key not in table:
         raise UnknownNameError("hardware", name, table)
     e = table[key]
+    where = f"specs/data/hardware.yaml: {key}"
+    if not isinstance(e, dict):
+        raise ConfigError(f"{where}: entry must be a mapping")
+
+    def num(k: str) -> float:
+        if k not in e:
+            raise ConfigError(f"{where}: missing key {k!r}")
+        try:
+            v = float(e[k])
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: {k} = {e[k]!r} is not a number") from None
+        if v < 0:
+            raise ConfigError(f"{where}: {k} = {e[k]!r} is negative")
+        return v
+
+    if "memory_bytes" in e:
+        memory = int(num("memory_bytes"))
+    elif "memory_gb" in e:
+        memory = int(num("memory_gb") * 1e9)
+    else:
+        memory = int(num("memory_gib") * GIB)
     return HardwareSpec(
         name=key,
-        memory_bytes=int(float(e["memory_gb"]) * 1e9) if "memory_gb" in e else int(float(e["memory_gib"]) * GIB),
-        mem_bw_bytes_per_s=float(e["mem_bw_gb_s"]) * 1e9,
-        fp16_flops=float(e["fp16_tflops"]) * 1e12,
-        fp8_flops=float(e["fp8_tflops"]) * 1e12,
-        interconnect_bw_bytes_per_s=float(e["interconnect_gb_s"]) * 1e9,
-        sources=e.get("sources", {}),
+        memory_bytes=memory,
+        mem_bw_bytes_per_s=num("mem_bw_gb_s") * 1e9,
+        fp16_flops=num("fp16_tflops") * 1e12,
+        fp8_flops=num("fp8_tflops") * 1e12,
+        interconnect_bw_bytes_per_s=num("interconnect_gb_s") * 1e9,
+        sources=dict(e.get("sources") or {}),
     )

@@ -34,6 +34,9 @@ class ModelSpec:
     num_experts_per_tok: int = 0
     moe_intermediate_size: int = 0
     num_shared_experts: int = 0
+    #: attention window in tokens when the checkpoint uses sliding-window attention in every layer
+    #: (Mistral-7B-v0.1: 4096); 0 = full attention. Informational: read from config.json, not yet used.
+    sliding_window: int = 0
 
     @property
     def is_moe(self) -> bool:
@@ -84,6 +87,16 @@ class ModelSpec:
     def num_params(self) -> int:
         return self.num_layers * (self.attn_params + self.mlp_params_total) + self.embedding_params
 
+    @property
+    def active_params(self) -> int:
+        """Parameters one token passes through: for a mixture of experts, the top-k routed experts plus the
+        shared experts and the router instead of every expert; equal to ``num_params`` for a dense model.
+        Embedding and LM head are counted, as model cards do (Qwen3-30B-A3B: "3.3B activated")."""
+        if not self.is_moe:
+            return self.num_params
+        mlp = (self.num_experts_per_tok + self.num_shared_experts) * self.expert_params + self.hidden_size * self.num_experts
+        return self.num_layers * (self.attn_params + mlp) + self.embedding_params
+
     def weight_bytes(self, tensor_parallel_size: int = 1, expert_parallel_size: int = 1) -> int:
         """Weight bytes held by one GPU. Experts split across EP ranks, the rest across TP ranks."""
         per_layer_dense = self.attn_params + (0 if self.is_moe else self.mlp_params_dense)
@@ -102,37 +115,78 @@ class ModelSpec:
 
     @classmethod
     def from_hf_config(cls, cfg: dict, name: str = "custom", source: str = "<config>") -> "ModelSpec":
+        """Read the numbers that matter from a Hugging Face ``config.json`` dict.
+
+        Dense models read ``intermediate_size``. Mixtures of experts: the expert count is
+        ``num_local_experts`` (Mixtral) or ``num_experts`` (Qwen2/3-MoE); the width of one routed expert is
+        ``moe_intermediate_size`` when present (Qwen) and otherwise ``intermediate_size`` (Mixtral, whose
+        ``intermediate_size`` is the expert width). A shared expert is counted only where the config has
+        ``num_shared_experts`` or a non-zero ``shared_expert_intermediate_size`` (Qwen2-MoE); Qwen3-MoE and
+        Mixtral have none. ``head_dim`` is taken as written when present (Qwen3: 128, which differs from
+        hidden_size / heads), else hidden_size // heads.
+        """
+        if not isinstance(cfg, dict):
+            raise ConfigError(f"{source}: config.json must hold a JSON object, got {type(cfg).__name__}")
+
         def need(*keys):
             for k in keys:
                 if k in cfg and cfg[k] is not None:
                     return cfg[k]
             raise ConfigError(f"{source}: config.json has none of the keys {list(keys)}")
 
-        hidden = int(need("hidden_size", "n_embd", "d_model"))
-        heads = int(need("num_attention_heads", "n_head"))
-        kv_heads = int(cfg.get("num_key_value_heads") or heads)
-        head_dim = int(cfg.get("head_dim") or hidden // heads)
+        def positive(key: str, value) -> int:
+            try:
+                v = int(value)
+            except (TypeError, ValueError):
+                raise ConfigError(f"{source}: {key} = {value!r} is not an integer") from None
+            if v <= 0 or v != value:
+                raise ConfigError(f"{source}: {key} = {value!r} must be a positive integer")
+            return v
+
+        hidden = positive("hidden_size", need("hidden_size", "n_embd", "d_model"))
+        heads = positive("num_attention_heads", need("num_attention_heads", "n_head"))
+        kv_heads = positive("num_key_value_heads", cfg.get("num_key_value_heads") or heads)
+        if kv_heads > heads or heads % kv_heads:
+            raise ConfigError(f"{source}: num_attention_heads ({heads}) is not a multiple of num_key_value_heads ({kv_heads})")
+        if cfg.get("head_dim"):
+            head_dim = positive("head_dim", cfg["head_dim"])
+        elif hidden % heads:
+            raise ConfigError(f"{source}: no head_dim, and hidden_size ({hidden}) is not a multiple of num_attention_heads ({heads})")
+        else:
+            head_dim = hidden // heads
         num_experts = int(cfg.get("num_local_experts") or cfg.get("num_experts") or 0)
-        dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16")
+        dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16").removeprefix("torch.")
         if dtype not in DTYPE_BYTES:
             raise ConfigError(f"{source}: torch_dtype {dtype!r} not one of {sorted(DTYPE_BYTES)}")
-        moe_inter = int(cfg.get("moe_intermediate_size") or (need("intermediate_size") if num_experts else 0))
+        if num_experts:
+            moe_inter = positive("moe_intermediate_size", cfg.get("moe_intermediate_size") or need("intermediate_size"))
+            top_k = positive("num_experts_per_tok", need("num_experts_per_tok"))
+            if top_k > num_experts:
+                raise ConfigError(f"{source}: num_experts_per_tok ({top_k}) exceeds the number of experts ({num_experts})")
+            inter = int(cfg.get("intermediate_size") or moe_inter)
+            shared = int(cfg.get("num_shared_experts") or (1 if cfg.get("shared_expert_intermediate_size") else 0))
+        else:
+            moe_inter, top_k, shared = 0, 0, 0
+            inter = positive("intermediate_size", need("intermediate_size", "n_inner"))
+        # Qwen2/3 configs carry a sliding_window value with use_sliding_window: false (then it is unused)
+        window = int(cfg.get("sliding_window") or 0) if cfg.get("use_sliding_window", True) else 0
         return cls(
             name=name,
-            num_layers=int(need("num_hidden_layers", "n_layer")),
+            num_layers=positive("num_hidden_layers", need("num_hidden_layers", "n_layer")),
             hidden_size=hidden,
             num_attention_heads=heads,
             num_kv_heads=kv_heads,
             head_dim=head_dim,
-            intermediate_size=int(need("intermediate_size", "n_inner") if not num_experts else cfg.get("intermediate_size") or moe_inter),
-            vocab_size=int(need("vocab_size")),
+            intermediate_size=inter,
+            vocab_size=positive("vocab_size", need("vocab_size")),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             dtype=dtype,
             max_position_embeddings=int(cfg.get("max_position_embeddings") or 4096),
             num_experts=num_experts,
-            num_experts_per_tok=int(cfg.get("num_experts_per_tok") or 0),
-            moe_intermediate_size=moe_inter if num_experts else 0,
-            num_shared_experts=int(cfg.get("num_shared_experts") or (1 if cfg.get("shared_expert_intermediate_size") else 0)),
+            num_experts_per_tok=top_k,
+            moe_intermediate_size=moe_inter,
+            num_shared_experts=shared,
+            sliding_window=window,
         )
 
 
@@ -156,8 +210,11 @@ def load_model(name_or_path: str) -> ModelSpec:
             cfg = json.loads(p.read_text())
         except json.JSONDecodeError as e:
             raise ConfigError(f"{p}:{e.lineno}: not valid JSON: {e.msg}") from None
-        return ModelSpec.from_hf_config(cfg, name=p.parent.name or p.stem, source=str(p))
-    f = _data_dir().joinpath(f"{name_or_path}.json")
-    if not f.is_file():
-        raise UnknownNameError("model", name_or_path, known_models())
-    return ModelSpec.from_hf_config(json.loads(f.read_text()), name=name_or_path, source=str(f))
+        # ".../Llama-3.1-8B/config.json" is named after its folder, "my-model.json" after the file
+        name = p.parent.name if p.name == "config.json" and p.parent.name else p.stem
+        return ModelSpec.from_hf_config(cfg, name=name, source=str(p))
+    key = str(name_or_path).strip().lower()
+    if key not in known_models():
+        raise UnknownNameError("model", str(name_or_path), known_models())
+    f = _data_dir().joinpath(f"{key}.json")
+    return ModelSpec.from_hf_config(json.loads(f.read_text()), name=key, source=str(f))
