@@ -51,5 +51,127 @@ def measured_lengths(method_spec: str):
 
 
 class ProfiledCost(CostModel):
+    """Each operation from the profile's table when the point is inside its measured grid, else from
+    the roofline. Decode attention of a method without its own table is the measured full-cache time
+    scaled by the roofline's ratio (method / full cache) at the same batch and context, so the
+    measured baseline carries over and only the method's relative cost is modelled.
+    """
+
+    LINEAR = ("qkv", "o", "mlp", "other")
+
     def __init__(self, profile, fallback: RooflineCost):
-        raise NotImplementedError("profile-based cost model: being written")
+        from kvsim.methods.none import NoCompression
+
+        self.profile = profile
+        self.roof = fallback
+        self.model = fallback.model
+        self.method = fallback.method
+        self.name = f"profile {profile.name}"
+        t = profile.tables
+        self._linear = {op: t.get(f"linear.{'moe' if op == 'mlp' and self.model.is_moe else op}") for op in self.LINEAR}
+        self._lm_head = t.get("linear.lm_head")
+        self._allreduce = t.get("comm.all_reduce")
+        self._step_tok = [tab for name, tab in t.items() if name.startswith("step.") and tab.axis_names == ("num_tokens",)]
+        self._step_seq = [tab for name, tab in t.items() if name.startswith("step.") and tab.axis_names == ("batch_size",)]
+        self._prefill = t.get(f"attention.prefill.{self.method.prefill_attention}")
+        self._decode = t.get(f"attention.decode.{self.method.name}")
+        self._decode_scaled = None
+        if self._decode is None and self.method.name != "none":
+            self._decode_scaled = t.get("attention.decode.none")
+            self._roof_none = RooflineCost(fallback.model, fallback.hw, NoCompression(), fallback.tp, fallback.params, fallback.ep)
+        self._extra_decode = t.get(f"extra.decode.{self.method.name}")
+        self._extra_prefill = t.get(f"extra.prefill.{self.method.name}")
+        self.step_overhead_s = (profile.step_overhead_s if "step_overhead_s" in profile.data
+                                else fallback.params.step_overhead_s)
+        self._dense_cache: dict[int, float] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def _get(self, table, fallback_fn, *point):
+        if table is not None:
+            v = table.lookup_at(*point)
+            if v is not None:
+                self.hits += 1
+                return v
+        self.misses += 1
+        return fallback_fn()
+
+    def dense_time_s(self, T: int, rows: int) -> float:
+        roof = self.roof
+        works = None
+        per_layer = 0.0
+        for op in self.LINEAR:
+            tab = self._linear[op]
+            v = tab.lookup_at(T) if tab is not None else None
+            if v is None:
+                works = works or roof.linear_works(T)
+                v = roof._t(works[op])
+                self.misses += 1
+            else:
+                self.hits += 1
+            per_layer += v
+        if roof.tp > 1:
+            nbytes = T * self.model.hidden_size * self.model.dtype_bytes
+            per_layer += 2 * self._get(self._allreduce, lambda: roof.allreduce_time_s(T) / 2, nbytes)
+        t = self.model.num_layers * per_layer
+        t += self._get(self._lm_head, lambda: roof.lm_head_time_s(rows), rows) if rows else 0.0
+        for tab in self._step_tok:
+            t += tab.lookup_at(T) or 0.0
+        for tab in self._step_seq:
+            t += (tab.lookup_at(rows) or 0.0) if rows else 0.0
+        return t + self.step_overhead_s
+
+    def decode_attention_time_s(self, B: int, kept: int) -> float:
+        if B == 0:
+            return 0.0
+        roof, L = self.roof, self.model.num_layers
+        ctx = kept / B
+        if self._decode is not None:
+            v = self._decode.lookup_at(B, ctx)
+            t = L * v if v is not None else None
+        elif self._decode_scaled is not None:
+            v = self._decode_scaled.lookup_at(B, ctx)
+            t = (L * v * roof.decode_attention_time_s(B, kept) / self._roof_none.decode_attention_time_s(B, kept)
+                 if v is not None else None)
+        else:
+            t = None
+        if t is None:
+            self.misses += 1
+            return roof.decode_attention_time_s(B, kept)
+        self.hits += 1
+        if self._extra_decode is not None:
+            e = self._extra_decode.lookup_at(B, ctx)
+            if e is not None:
+                return t + L * e
+        # the roofline's method-extra part (decode_attention_time_s includes both; subtract attention)
+        extra = roof._t(roof.method.decode_extra_work(self.model, roof.tp, B, kept))
+        return t + L * extra
+
+    def prefill_attention_time_s(self, chunks) -> float:
+        roof, L, m = self.roof, self.model.num_layers, self.model
+        t = 0.0
+        for q, kv, last in chunks:
+            v = self._prefill.lookup_at(q, kv) if self._prefill is not None else None
+            if v is None:
+                self.misses += 1
+                v = roof._t(self.method.prefill_attention_work(m, roof.tp, q, kv), attn=True)
+            else:
+                self.hits += 1
+            e = self._extra_prefill.lookup_at(q, kv) if self._extra_prefill is not None else None
+            if e is None:
+                e = roof._t(self.method.prefill_extra_work(m, roof.tp, q, kv, last))
+            t += v + e
+        return L * t
+
+    def step_time_s(self, shape: StepShape) -> float:
+        if not shape.prefill_chunks:
+            return self.decode_step_time_s(shape.num_decode_seqs, shape.decode_kept_tokens)
+        return (self.dense_time_s(shape.num_tokens, shape.num_logit_tokens)
+                + self.decode_attention_time_s(shape.num_decode_seqs, shape.decode_kept_tokens)
+                + self.prefill_attention_time_s(shape.prefill_chunks))
+
+    def decode_step_time_s(self, num_seqs: int, kept_tokens_sum: int) -> float:
+        dense = self._dense_cache.get(num_seqs)
+        if dense is None:
+            dense = self._dense_cache[num_seqs] = self.dense_time_s(num_seqs, num_seqs)
+        return dense + self.decode_attention_time_s(num_seqs, kept_tokens_sum)
