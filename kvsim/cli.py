@@ -166,7 +166,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-_EXTRA_COMMANDS: list = []
+def _compare_cmds(sub):
+    from kvsim.compare import register
+
+    register(sub)
+
+
+_EXTRA_COMMANDS: list = [_compare_cmds]
 
 
 def main(argv: list[str] | None = None) -> int:

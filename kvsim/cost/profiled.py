@@ -3,6 +3,8 @@ profile does not cover (absent table, point outside the grid, or next to a missi
 
 from __future__ import annotations
 
+import math
+from bisect import bisect_right
 from functools import lru_cache
 from pathlib import Path
 
@@ -48,6 +50,41 @@ def measured_lengths(method_spec: str):
         if entry and entry.get("ratios"):
             return LengthRatio(source=f"measured: {prof.name} ({p.name})", samples=tuple(entry["ratios"]))
     return None
+
+
+def prefill_lookup(table, q: int, kv: int):
+    """Prefill attention at (chunk q, kv = q + history). Pure prefills sit on the diagonal kv = q,
+    whose lower neighbours are impossible (null) cells, so the plain bilinear lookup fails there;
+    then interpolate between the two measured chunk rows at the same history instead."""
+    v = table.lookup_at(q, kv)
+    if v is not None:
+        return v
+    xs = table.axes[table.axis_names[0]]
+    if not (xs[0] <= q <= xs[-1]):
+        return None
+    i = bisect_right(xs, q) - 1
+    if xs[i] == q or i + 1 >= len(xs):
+        return None
+    h = kv - q
+    c0, c1 = xs[i], xs[i + 1]
+    v0, v1 = table.lookup_at(c0, c0 + h), table.lookup_at(c1, c1 + h)
+    if v0 is None or v1 is None:
+        return None
+    w = math.log(q / c0) / math.log(c1 / c0)
+    return math.exp(math.log(v0) + w * (math.log(v1) - math.log(v0)))
+
+
+def linear_edge_lookup(table, x) -> float:
+    """Per-step tables (embedding, sampler, final norm) scale linearly in tokens: beyond the grid,
+    scale the nearest edge value instead of dropping the operation."""
+    xs = table.axes[table.axis_names[0]]
+    if x > xs[-1]:
+        edge = table.lookup_at(xs[-1])
+        return (edge or 0.0) * x / xs[-1]
+    if x < xs[0]:
+        return table.lookup_at(xs[0]) or 0.0
+    v = table.lookup_at(x)
+    return v if v is not None else 0.0
 
 
 class ProfiledCost(CostModel):
@@ -116,9 +153,10 @@ class ProfiledCost(CostModel):
         t = self.model.num_layers * per_layer
         t += self._get(self._lm_head, lambda: roof.lm_head_time_s(rows), rows) if rows else 0.0
         for tab in self._step_tok:
-            t += tab.lookup_at(T) or 0.0
-        for tab in self._step_seq:
-            t += (tab.lookup_at(rows) or 0.0) if rows else 0.0
+            t += linear_edge_lookup(tab, T)
+        if rows:
+            for tab in self._step_seq:
+                t += linear_edge_lookup(tab, rows)
         return t + self.step_overhead_s
 
     def decode_attention_time_s(self, B: int, kept: int) -> float:
@@ -151,7 +189,7 @@ class ProfiledCost(CostModel):
         roof, L, m = self.roof, self.model.num_layers, self.model
         t = 0.0
         for q, kv, last in chunks:
-            v = self._prefill.lookup_at(q, kv) if self._prefill is not None else None
+            v = prefill_lookup(self._prefill, q, kv) if self._prefill is not None else None
             if v is None:
                 self.misses += 1
                 v = roof._t(self.method.prefill_attention_work(m, roof.tp, q, kv), attn=True)

@@ -93,6 +93,7 @@ class RooflineCost(CostModel):
         self._bw = hardware.mem_bw_bytes_per_s * self.params.eff_mem
         self._dense_cache: dict[int, float] = {}
         self._affine: dict[int, object] = {}
+        self._decode_coef: dict[int, object] = {}
 
     # -- primitives --------------------------------------------------------------------------
     def _t(self, w: Work, attn: bool = False) -> float:
@@ -199,10 +200,40 @@ class RooflineCost(CostModel):
                 + self.prefill_attention_time_s(shape.prefill_chunks))
 
     def decode_step_time_s(self, num_seqs: int, kept_tokens_sum: int) -> float:
-        dense = self._dense_cache.get(num_seqs)
+        c = self._decode_coef.get(num_seqs)
+        if c is None:
+            c = self._decode_coef[num_seqs] = self._decode_coefficients(num_seqs)
+        if c is False:
+            return self._dense(num_seqs) + self.decode_attention_time_s(num_seqs, kept_tokens_sum)
+        # the same arithmetic as dense + decode_attention_time_s, pre-multiplied per batch size
+        base, p0, p1, q0, q1, e = c
+        t = base + max(p0 + p1 * kept_tokens_sum, q0 + q1 * kept_tokens_sum)
+        if e is not None:
+            f = e[0] + e[1] * kept_tokens_sum
+            g = e[2] + e[3] * kept_tokens_sum
+            if f or g:
+                t += max(f, g) + e[4]
+        return t
+
+    def _dense(self, B: int) -> float:
+        dense = self._dense_cache.get(B)
         if dense is None:
-            dense = self._dense_cache[num_seqs] = self.dense_time_s(num_seqs, num_seqs)
-        return dense + self.decode_attention_time_s(num_seqs, kept_tokens_sum)
+            dense = self._dense_cache[B] = self.dense_time_s(B, B)
+        return dense
+
+    def _decode_coefficients(self, B: int):
+        coef = self._affine.get(B)
+        if coef is None:
+            coef = self._affine[B] = self._affine_coefficients(B)
+        if coef is False:
+            return False
+        fa0, fa1, ba0, ba1, fe0, fe1, be0, be1 = coef
+        L, ko = self.model.num_layers, self.params.kernel_overhead_s
+        extra = None
+        if fe0 or fe1 or be0 or be1:
+            extra = (L * fe0 / self._flops_rate, L * fe1 / self._flops_rate, L * be0 / self._bw, L * be1 / self._bw, L * ko)
+        return (self._dense(B) + L * ko, L * fa0 / self._attn_rate, L * fa1 / self._attn_rate,
+                L * ba0 / self._bw, L * ba1 / self._bw, extra)
 
     def breakdown(self, shape: StepShape) -> dict[str, float]:
         L = self.model.num_layers

@@ -159,6 +159,25 @@ class Replica:
                 hi = mid
         return lo + 1
 
+    def truncate(self, t_s: float) -> bool:
+        """A request arrived here at ``t_s`` during a fast-forward stretch: keep only the steps up to
+        the first one that ends at or after ``t_s`` (stepping would plan anew right after it).
+        Returns True when the stretch got shorter."""
+        p = self.pending
+        if p is None or p.ff_steps <= 1 or t_s >= p.end_s:
+            return False
+        t = p.start_s
+        for j, dt in enumerate(p.ff_durations):
+            t += dt
+            if t >= t_s:
+                break
+        if j + 1 >= p.ff_steps:
+            return False
+        p.ff_steps = j + 1
+        del p.ff_durations[j + 1:]
+        p.end_s = t
+        return True
+
     def commit(self) -> list[Sequence]:
         """Apply the pending step at its end time; returns the sequences that finished."""
         p, self.pending = self.pending, None

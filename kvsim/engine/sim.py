@@ -46,6 +46,8 @@ class Simulation:
         self._wake: dict[int, simpy.Event | None] = {r.id: None for r in replicas}
         self.num_events = 0
         self.live: dict[int, Sequence] = {}
+        self._single = len(replicas) == 1
+        self._procs: dict[int, simpy.Process] = {}
 
     def _at(self, t: float, priority: int = URGENT) -> simpy.Event:
         ev = self.env.event()
@@ -86,6 +88,8 @@ class Simulation:
                 ev = self._wake[r.id]
                 if ev is not None and not ev.triggered:
                     ev.succeed()
+                elif not self._single and r.truncate(t):
+                    self._procs[r.id].interrupt()
             if self.progress is not None and index % 1024 == 0:
                 self.progress.update(1024)
         self.next_arrival_s = math.inf
@@ -103,14 +107,23 @@ class Simulation:
     def _replica(self, r: Replica):
         env = self.env
         while True:
-            p = r.begin(env.now, self.next_arrival_s)
+            # one replica: stretches stop at the next arrival; several: at the next arrival routed
+            # to this replica, which interrupts the stretch (see _arrivals)
+            p = r.begin(env.now, self.next_arrival_s if self._single else math.inf)
             if p is None:
                 ev = self._wake[r.id] = env.event()
                 yield ev
                 self._wake[r.id] = None
                 continue
             self.num_events += 1
-            yield env.timeout(_delay_to(env.now, p.end_s))
+            while True:
+                try:
+                    yield env.timeout(_delay_to(env.now, r.pending.end_s))
+                    break
+                except simpy.Interrupt:
+                    # a request was routed here mid-stretch; the stretch was cut at the first step
+                    # that ends at or after its arrival, so wait for the new end instead
+                    self.num_events += 1
             finished = r.commit()
             if self.check_invariants:
                 for s in finished:
@@ -123,7 +136,7 @@ class Simulation:
         env = self.env
         arrivals = env.process(self._arrivals(source))
         for r in self.replicas:
-            env.process(self._replica(r))
+            self._procs[r.id] = env.process(self._replica(r))
         env.run(until=arrivals)
         # drain: every replica runs until idle
         while any(r.busy or r.pending for r in self.replicas):

@@ -19,13 +19,19 @@ _REGISTRY: dict[str, type[Method]] = {}
 
 def _discover() -> dict[str, type[Method]]:
     if not _REGISTRY:
+        # fill a local dict first: a module that fails to import must not leave a partial registry behind
+        found: dict[str, type[Method]] = {}
         for info in pkgutil.iter_modules(__path__):
-            if info.name == "base":
+            if info.name in ("base", "listing"):
                 continue
             mod = importlib.import_module(f"{__name__}.{info.name}")
             for obj in vars(mod).values():
                 if isinstance(obj, type) and issubclass(obj, Method) and obj.name and obj.__module__ == mod.__name__:
-                    _REGISTRY[obj.name] = obj
+                    if obj.name in found and found[obj.name] is not obj:
+                        raise ImportError(f"method name {obj.name!r} defined twice: "
+                                          f"{found[obj.name].__module__} and {obj.__module__}")
+                    found[obj.name] = obj
+        _REGISTRY.update(found)
     return _REGISTRY
 
 
@@ -48,6 +54,15 @@ def _coerce(cls: type[Method], knob: str, raw, spec: str):
                 return float(raw)
         except ValueError:
             raise ConfigError(f"method spec {spec!r}: knob {knob}={raw!r} is not a valid {typ.__name__}") from None
+    # values that arrive typed (YAML, dict specs, the Python API): accept an integral float for an int knob
+    # and an int for a float knob, refuse the rest so spec_string() round-trips
+    if typ is int and not isinstance(raw, bool):
+        if isinstance(raw, float) and raw.is_integer():
+            return int(raw)
+        if not isinstance(raw, int):
+            raise ConfigError(f"method spec {spec!r}: knob {knob}={raw!r} is not a valid int")
+    if typ is float and not isinstance(raw, bool) and isinstance(raw, int):
+        return float(raw)
     return raw
 
 

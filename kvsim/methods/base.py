@@ -11,7 +11,9 @@ Units: ``*_tokens`` are token counts, ``bytes`` are bytes on ONE GPU (tensor-par
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
+from statistics import NormalDist
 from typing import ClassVar
 
 from kvsim.cost.work import ZERO, Work
@@ -31,6 +33,79 @@ class LengthRatio:
     mean_ratio: float = 1.0
     sigma: float = 0.0
     samples: tuple[float, ...] = ()
+
+    @property
+    def log_mu(self) -> float:
+        """Mean of the log-ratio: ``mean_ratio`` is the arithmetic mean E[ratio] of the lognormal, so
+        log-ratio ~ Normal(ln(mean_ratio) - sigma^2 / 2, sigma) (the convention of engine/output_length)."""
+        return math.log(self.mean_ratio) - self.sigma ** 2 / 2.0
+
+    def share_below(self, ratio: float) -> float:
+        """P(ratio <= r) under the lognormal (for checking a default against the figures it came from)."""
+        if self.sigma == 0.0:
+            return 1.0 if self.mean_ratio <= ratio else 0.0
+        return NormalDist(self.log_mu, self.sigma).cdf(math.log(ratio))
+
+
+def length_ratio_from_tail_shares(share_halved: float, share_longer_half: float, source: str) -> LengthRatio:
+    """Lognormal output-length ratio fitted to two published tail shares.
+
+    ``share_halved``: fraction of prompts whose compressed output is at most half the full-cache length
+    (D >= 50 % in Gao et al., MLSys 2025); ``share_longer_half``: fraction at least 1.5x as long (D <= -50 %).
+    Two quantiles fix the two lognormal parameters exactly:
+    ln 0.5 = mu + z(share_halved) sigma and ln 1.5 = mu + z(1 - share_longer_half) sigma.
+    """
+    n = NormalDist()
+    z_lo, z_hi = n.inv_cdf(share_halved), n.inv_cdf(1.0 - share_longer_half)
+    sigma = (math.log(1.5) - math.log(0.5)) / (z_hi - z_lo)
+    mu = math.log(0.5) - z_lo * sigma
+    return LengthRatio(source=source, mean_ratio=math.exp(mu + sigma ** 2 / 2.0), sigma=sigma)
+
+
+# -- shared sizes and constants (helpers for the method files) ------------------------------------------
+
+#: bytes of one attention score, accumulated score or probability (fp32, as every reference keeps them)
+SCORE_BYTES = 4
+#: FLOPs to quantize one element: group min and max, subtract the zero point, scale, round
+QUANT_FLOPS_PER_ELEM = 5
+#: FLOPs to dequantize one integer element inside the attention kernel: x * scale + zero
+DEQUANT_FLOPS_PER_ELEM = 2
+
+
+def kv_heads_per_gpu(model: ModelSpec, tp: int = 1) -> int:
+    """KV heads one GPU holds: the rule of ``ModelSpec.kv_bytes_per_token`` (split across TP ranks, at least one)."""
+    return max(1, model.num_kv_heads // tp) if tp > 1 else model.num_kv_heads
+
+
+def q_heads_per_gpu(model: ModelSpec, tp: int = 1) -> float:
+    """Query heads one GPU computes (as ``Method.decode_attention_work`` counts them)."""
+    return model.num_attention_heads / tp
+
+
+def kv_elems_per_token_layer(model: ModelSpec, tp: int = 1) -> int:
+    """K and V elements of one token in one layer on one GPU: 2 x KV heads x head_dim."""
+    return 2 * kv_heads_per_gpu(model, tp) * model.head_dim
+
+
+def full_bytes_per_token_layer(model: ModelSpec, tp: int = 1) -> float:
+    """Bytes of one token's K and V in one layer in the model dtype (what ``none`` stores)."""
+    return kv_elems_per_token_layer(model, tp) * model.dtype_bytes
+
+
+def evicting_kept(prompt_tokens: int, context_tokens: int, limit: int) -> int:
+    """Kept tokens of a method that evicts down to ``limit`` once prefill ends and then holds at most
+    ``limit`` (H2O, StreamingLLM): all of the prompt while it is prefilled, then min(context, limit)."""
+    if context_tokens < prompt_tokens:
+        return context_tokens
+    return min(context_tokens, limit)
+
+
+def compress_once_kept(prompt_tokens: int, context_tokens: int, budget: int) -> int:
+    """Kept tokens of a method that compresses the prompt once when prefill ends and then only appends
+    (SnapKV, PyramidKV): all of the prompt while it is prefilled, then min(prompt, budget) + generated."""
+    if context_tokens < prompt_tokens:
+        return context_tokens
+    return min(prompt_tokens, budget) + (context_tokens - prompt_tokens)
 
 
 @dataclass(frozen=True)
@@ -64,6 +139,33 @@ class Method:
 
     def _fail(self, knob: str, value, why: str):
         raise ConfigError(f"method {self.name}: knob {knob}={value!r}: {why}")
+
+    def _require_int(self, knob: str, minimum: int = 1) -> int:
+        """The knob's value, failing unless it is an integer >= ``minimum``."""
+        v = getattr(self, knob)
+        if isinstance(v, bool) or not isinstance(v, int):
+            self._fail(knob, v, "must be an integer")
+        if v < minimum:
+            self._fail(knob, v, "must be positive" if minimum == 1 else f"must be at least {minimum}")
+        return v
+
+    def _require_ratio(self, knob: str) -> float:
+        """The knob's value, failing unless it is a number in [0, 1)."""
+        v = getattr(self, knob)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
+            self._fail(knob, v, "must be a fraction in [0, 1)")
+        return float(v)
+
+    def _require_choice(self, knob: str, choices) -> None:
+        v = getattr(self, knob)
+        if isinstance(v, bool) or v not in choices:
+            self._fail(knob, v, f"not a supported value; supported: {', '.join(map(str, choices))}")
+
+    def _require_budget_above_window(self, budget: str = "budget", window: str = "window") -> None:
+        b, w = self._require_int(budget), self._require_int(window)
+        if b <= w:
+            self._fail(budget, b, f"budget below the window: it includes the {window}={w} most recent tokens, "
+                                  f"so it must be larger than {w}")
 
     # -- memory -----------------------------------------------------------------------------
     def bytes_per_token(self, model: ModelSpec, tp: int = 1) -> float:
