@@ -172,10 +172,10 @@ def replay(trace, model="llama-3.1-8b", hardware="h100", method=None, config: En
            progress: bool = False, keep_rows: bool | None = None, fast_forward: bool = True,
            check_invariants: bool = False, rate_scale: float = 1.0, limit: int | None = None,
            spec: RunSpec | None = None, timeline_interval_s: float = 1.0, plot: bool = True,
-           total_hint: int | None = None) -> ReplayResult:
+           total_hint: int | None = None, auto_profile: bool = True) -> ReplayResult:
     if isinstance(slo, dict):
         slo = SLO(**slo)
-    spec = spec or make_spec(model, hardware, method, config, profile, slo)
+    spec = spec or make_spec(model, hardware, method, config, profile, slo, auto_profile=auto_profile)
     cfg = spec.config
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
