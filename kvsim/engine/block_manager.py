@@ -51,9 +51,12 @@ class BlockManager:
         n = target_blocks - seq.blocks
         if n <= 0:
             return True
-        if n > self.num_free:
+        if n <= self._free_plain:
+            self._free_plain -= n
+        elif n > self._free_plain + len(self._cached_free):
             return False
-        self._take(n)
+        else:
+            self._take(n)
         seq.blocks = target_blocks
         return True
 

@@ -46,6 +46,7 @@ class Replica:
         self.outstanding_tokens = 0
         self.num_ff_stretches = 0
         self.pending: PendingStep | None = None
+        self._timeline_last_s = -float("inf")
 
     # -- arrivals -----------------------------------------------------------------------------------
     def add(self, seq: Sequence) -> str | None:
@@ -231,8 +232,10 @@ class Replica:
                 s.status = FINISHED
                 self.outstanding_tokens -= s.prompt_tokens + s.output_tokens
                 rec.finish(s, t)
-        rec.timeline(t, self.id, len(sched.running), len(sched.waiting), kv.pool.num_used, kv.pool.num_blocks,
-                     force=bool(finished) and not sched.running and not sched.waiting)
+        if t - self._timeline_last_s >= rec.timeline_interval_s or (finished and not sched.running and not sched.waiting):
+            self._timeline_last_s = t
+            rec.timeline(t, self.id, len(sched.running), len(sched.waiting), kv.pool.num_used, kv.pool.num_blocks,
+                         force=True)
         return finished
 
 

@@ -102,7 +102,7 @@ class Recorder:
 
     def timeline(self, t: float, replica: int, batch_size: int, waiting: int, used: int, total: int, force: bool = False) -> None:
         last = self._tl_last.get(replica)
-        if not force and last is not None and t - last < self.timeline_interval_s:
+        if last is not None and not force and t - last < self.timeline_interval_s:
             return
         self._tl_last[replica] = t
         if self._tl_writer:
