@@ -9,8 +9,8 @@ Everything the CLI does goes through here; knobs are parsed once, here, into typ
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-import io
 import json
 import sys
 import time
@@ -154,8 +154,10 @@ def open_trace(trace, fmt=None, skip_invalid=False, max_model_len=None, rate_sca
 
 
 def _scaled(stream, k):
+    # copies: a caller's list of requests must replay the same way twice
     for r in stream:
         if r.arrival_time_s is not None:
+            r = copy.copy(r)
             r.arrival_time_s = r.arrival_time_s / k
         yield r
 

@@ -166,13 +166,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _compare_cmds(sub):
-    from kvsim.compare import register
-
-    register(sub)
+#: modules that add their own subcommands with ``register(subparsers)``, imported only when the CLI starts
+_EXTRA_MODULES = ["kvsim.compare", "kvsim.validate", "kvsim.cost.calibrate", "kvsim.plan"]
 
 
-_EXTRA_COMMANDS: list = [_compare_cmds]
+def _register_module(name: str):
+    def add(sub):
+        import importlib
+
+        importlib.import_module(name).register(sub)
+
+    return add
+
+
+_EXTRA_COMMANDS: list = [_register_module(m) for m in _EXTRA_MODULES]
 
 
 def main(argv: list[str] | None = None) -> int:

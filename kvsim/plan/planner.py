@@ -1,0 +1,654 @@
+"""Capacity planning: the fewest GPUs (replicas x tensor-parallel degree) that serve a trace within an SLO.
+
+An SLO is a list of terms ``metric:stat=limit`` (``ttft_ms:p99=2000,tpot_ms:p99=100``): metrics
+``ttft_ms``, ``tpot_ms``, ``itl_ms``, ``e2el_ms``; stats ``mean``, ``p50`` (= median), ``p90``, ``p99``,
+``max``. A configuration is *feasible* when one replay of the trace meets every term and rejects no
+request (a rejected request, e.g. a prompt longer than the context, is an SLO violation).
+
+Search, per method and tensor-parallel degree: exponential search on the replica count (1, 2, 4, ...)
+up to the first feasible count, then bisection between the last infeasible and the first feasible one;
+``O(log R)`` replays instead of ``R``. Bisection assumes feasibility is monotone in the replica count.
+That holds in expectation (more replicas, fewer requests each) but not exactly: routing changes which
+requests share a batch, so a percentile can move a little either way. The search therefore always
+holds the found count ``r`` (feasible) and ``r - 1`` (infeasible) as evaluated points, and with
+``check_above`` also replays ``r + 1`` and flags a non-monotone result.
+
+The highest rate a configuration sustains is found the same way on ``rate_scale`` (exponential search
+by doubling or halving, then geometric bisection to a relative tolerance), assuming feasibility is
+monotone in the arrival rate.
+
+GPU-hours per million requests = GPUs x trace duration (h) / completed requests x 1e6, where the trace
+duration is the span of arrival times of the replayed (scaled, limited) trace: the GPUs are rented for
+as long as the traffic lasts.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kvsim.config import EngineConfig
+from kvsim.errors import ConfigError, KvsimError
+from kvsim.metrics.collector import SLO
+
+METRICS = ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms")
+#: SLO stat name -> key in a summary's latency dict
+STATS = {"mean": "mean", "p50": "median", "median": "median", "p90": "p90", "p99": "p99", "max": "max"}
+
+
+# -- SLO terms -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SLOTerm:
+    metric: str
+    stat: str
+    limit: float
+
+    @property
+    def key(self) -> str:
+        """Column name of this term's value, e.g. ``ttft_ms_p99``."""
+        return f"{self.metric}_{'p50' if self.stat == 'median' else self.stat}"
+
+    def value(self, summary: dict) -> float | None:
+        d = summary.get(self.metric) or {}
+        return d.get(STATS[self.stat])
+
+    def __str__(self) -> str:
+        return f"{self.metric}:{self.stat}={self.limit:g}"
+
+
+def parse_slo_terms(slo) -> tuple[SLOTerm, ...]:
+    """``"ttft_ms:p99=2000,tpot_ms:p99=100"``, a mapping ``{"ttft_ms:p99": 2000}``, or a list of
+    SLOTerm / strings. A term without a stat (``ttft_ms=2000``) means p99."""
+    if slo is None or slo == "":
+        return ()
+    if isinstance(slo, SLOTerm):
+        return (slo,)
+    if isinstance(slo, dict):
+        parts = [f"{k}={v}" for k, v in slo.items()]
+    elif isinstance(slo, str):
+        parts = [p for p in (x.strip() for x in slo.split(",")) if p]
+    else:
+        terms: list[SLOTerm] = []
+        for x in slo:
+            terms.extend(parse_slo_terms(x))
+        return tuple(terms)
+    terms = []
+    for part in parts:
+        lhs, eq, rhs = part.partition("=")
+        metric, _, stat = lhs.strip().partition(":")
+        metric, stat = metric.strip(), (stat.strip() or "p99")
+        if not eq or metric not in METRICS:
+            raise ConfigError(f"SLO {slo!r}: {part!r} is not metric:stat=value with metric one of {', '.join(METRICS)}")
+        if stat not in STATS:
+            raise ConfigError(f"SLO {slo!r}: {part!r}: stat {stat!r} is not one of {', '.join(STATS)}")
+        try:
+            limit = float(rhs)
+        except ValueError:
+            raise ConfigError(f"SLO {slo!r}: {part!r}: limit {rhs.strip()!r} is not a number") from None
+        if not limit > 0:
+            raise ConfigError(f"SLO {slo!r}: {part!r}: limit must be > 0")
+        terms.append(SLOTerm(metric, stat, limit))
+    return tuple(terms)
+
+
+def goodput_slo(terms) -> SLO:
+    """Per-request thresholds for the summary's ``goodput`` (the tightest limit per metric)."""
+    vals: dict[str, float] = {}
+    for t in terms:
+        if t.metric in ("ttft_ms", "tpot_ms", "e2el_ms"):
+            vals[t.metric] = min(vals.get(t.metric, math.inf), t.limit)
+    return SLO(**vals)
+
+
+def check_slo(summary: dict, terms) -> dict:
+    """Does this replay meet the SLO? ``{"feasible", "margin_pct", "worst_term", "values", "reason"}``.
+
+    ``margin_pct`` = min over terms of (limit - value) / limit x 100: positive is headroom below the
+    tightest term, negative is how far over it the run is. Rejected requests make the run infeasible.
+    A term whose metric has no samples (e.g. TPOT when every output is one token) is met.
+    """
+    values, margin, worst = {}, math.inf, None
+    for t in terms:
+        v = t.value(summary)
+        values[t.key] = v
+        m = 100.0 * (t.limit - v) / t.limit if v is not None else 100.0
+        if m < margin:
+            margin, worst = m, str(t)
+    rejected = summary.get("rejected", 0) or 0
+    completed = summary.get("completed", 0) or 0
+    reasons = []
+    if rejected:
+        reasons.append(f"{rejected} rejected")
+    if completed == 0:
+        reasons.append("no request completed")
+    if terms and margin < 0:
+        reasons.append(f"{worst} missed by {-margin:.1f}%")
+    return {"feasible": not reasons, "margin_pct": None if margin == math.inf else margin, "worst_term": worst,
+            "values": values, "reason": "; ".join(reasons)}
+
+
+# -- one evaluated point --------------------------------------------------------------------------------
+@dataclass
+class Evaluation:
+    method: str
+    tensor_parallel_size: int
+    num_replicas: int
+    rate_scale: float
+    feasible: bool
+    margin_pct: float | None = None
+    worst_term: str | None = None
+    values: dict = field(default_factory=dict)
+    reason: str = ""
+    completed: int = 0
+    rejected: int = 0
+    duration_s: float = 0.0  # the replay's first arrival to last finish
+    error: str | None = None
+    wall_s: float = 0.0
+    summary: dict | None = None
+
+    @property
+    def gpus(self) -> int:
+        return self.num_replicas * self.tensor_parallel_size
+
+    def as_row(self) -> dict:
+        d = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("summary", "values")}
+        d.update(self.values)
+        d["gpus"] = self.gpus
+        return d
+
+
+@dataclass
+class TraceInfo:
+    count: int
+    first_arrival_s: float | None
+    last_arrival_s: float | None
+
+    @property
+    def duration_s(self) -> float:
+        if self.first_arrival_s is None or self.last_arrival_s is None:
+            return 0.0
+        return self.last_arrival_s - self.first_arrival_s
+
+    @property
+    def request_rate(self) -> float | None:
+        """(count - 1) / duration, as ``kvsim trace stats`` reports it."""
+        return (self.count - 1) / self.duration_s if self.duration_s > 0 else None
+
+
+def trace_info(trace, fmt=None, skip_invalid=False, limit=None) -> TraceInfo:
+    from kvsim import api
+    from kvsim.workload.request import Request
+
+    n, first, last = 0, None, None
+    for r in api.open_trace(trace, fmt, skip_invalid, None, 1.0, limit):
+        if not isinstance(r, Request):
+            continue
+        n += 1
+        t = r.arrival_time_s
+        if t is not None:
+            first = t if first is None else min(first, t)
+            last = t if last is None else max(last, t)
+    return TraceInfo(n, first, last)
+
+
+# -- the planner ------------------------------------------------------------------------------------------
+@dataclass
+class SearchResult:
+    """The fewest replicas for one (method, TP degree)."""
+
+    method: str
+    tensor_parallel_size: int
+    status: str  # ok | infeasible | error
+    num_replicas: int | None = None
+    evaluation: Evaluation | None = None
+    below: Evaluation | None = None
+    above: Evaluation | None = None
+    num_replays: int = 0
+    note: str = ""
+
+
+@dataclass
+class RateResult:
+    method: str
+    tensor_parallel_size: int
+    num_replicas: int
+    max_rate_scale: float | None
+    max_request_rate: float | None
+    evaluation: Evaluation | None
+    num_replays: int
+    note: str = ""
+
+
+class Planner:
+    """Replays one trace under many (method, TP, replicas, rate) points, with a cache of evaluated points.
+
+    ``trace`` is a path (re-read for every replay, streaming) or an iterable of Requests (kept in a list
+    and copied for every replay). ``rate_scale`` is the base scaling of the trace's arrival rate.
+    """
+
+    def __init__(self, trace, slo, model="llama-3.1-8b", hardware="h100", config: EngineConfig | None = None,
+                 profile=None, auto_profile: bool = True, fmt=None, skip_invalid: bool = False,
+                 limit: int | None = None, rate_scale: float = 1.0, keep_summaries: bool = False):
+        if not isinstance(trace, (str, Path)):
+            trace = list(trace)
+        self.trace = trace
+        self.terms = parse_slo_terms(slo)
+        if not self.terms:
+            raise ConfigError("plan: an SLO with at least one term is needed, e.g. ttft_ms:p99=2000,tpot_ms:p99=100")
+        self.model, self.hardware = model, hardware
+        self.config = config or EngineConfig()
+        self.profile, self.auto_profile = profile, auto_profile
+        self.fmt, self.skip_invalid, self.limit = fmt, skip_invalid, limit
+        if not rate_scale > 0:
+            raise ConfigError(f"rate_scale={rate_scale} must be > 0")
+        self.rate_scale = float(rate_scale)
+        self.keep_summaries = keep_summaries
+        self.info = trace_info(trace, fmt, skip_invalid, limit)
+        if self.info.count == 0:
+            raise ConfigError(f"plan: trace {trace!r} has no requests")
+        self._cache: dict[tuple, Evaluation] = {}
+        self.log: list[Evaluation] = []
+
+    # -- trace quantities at a rate scale --------------------------------------------------------------
+    def duration_s(self, rate_scale: float | None = None) -> float:
+        return self.info.duration_s / (rate_scale or self.rate_scale)
+
+    def request_rate(self, rate_scale: float | None = None) -> float | None:
+        r = self.info.request_rate
+        return r * (rate_scale or self.rate_scale) if r is not None else None
+
+    def gpu_hours_per_million(self, gpus: int, completed: int, rate_scale: float | None = None,
+                              fallback_duration_s: float = 0.0) -> float | None:
+        d = self.duration_s(rate_scale) or fallback_duration_s
+        return gpus * (d / 3600.0) / completed * 1e6 if completed else None
+
+    # -- one point ----------------------------------------------------------------------------------
+    def _stream(self, rate_scale: float):
+        if isinstance(self.trace, list):
+            return [dataclasses.replace(r) if hasattr(r, "__dataclass_fields__") else r for r in self.trace]
+        return self.trace
+
+    def evaluate(self, method, tensor_parallel_size: int = 1, num_replicas: int = 1,
+                 rate_scale: float | None = None) -> Evaluation:
+        from kvsim import api
+        from kvsim.methods import parse_method
+
+        meth = parse_method(method).spec_string()
+        rs = float(rate_scale if rate_scale is not None else self.rate_scale)
+        key = (meth, int(tensor_parallel_size), int(num_replicas), rs)
+        if key in self._cache:
+            return self._cache[key]
+        t0 = time.perf_counter()
+        cfg = dataclasses.replace(self.config, tensor_parallel_size=int(tensor_parallel_size), num_replicas=int(num_replicas))
+        ev = Evaluation(meth, int(tensor_parallel_size), int(num_replicas), rs, False)
+        try:
+            spec = api.make_spec(self.model, self.hardware, meth, cfg, self.profile, goodput_slo(self.terms),
+                                 auto_profile=self.auto_profile)
+            res = api.replay(self._stream(rs), spec=spec, fmt=self.fmt, skip_invalid=self.skip_invalid,
+                             keep_rows=False, plot=False, progress=False, rate_scale=rs, limit=self.limit)
+        except KvsimError as e:
+            ev.error = str(e)
+            ev.reason = "error"
+        else:
+            s = res.summary
+            chk = check_slo(s, self.terms)
+            ev.feasible = chk["feasible"]
+            ev.margin_pct, ev.worst_term = chk["margin_pct"], chk["worst_term"]
+            ev.values, ev.reason = chk["values"], chk["reason"]
+            ev.completed, ev.rejected, ev.duration_s = s["completed"], s["rejected"], s["duration_s"]
+            if self.keep_summaries:
+                ev.summary = s
+        ev.wall_s = time.perf_counter() - t0
+        self._cache[key] = ev
+        self.log.append(ev)
+        return ev
+
+    # -- fewest replicas --------------------------------------------------------------------------------
+    def min_replicas(self, method, tensor_parallel_size: int = 1, max_replicas: int = 64,
+                     check_above: bool = False) -> SearchResult:
+        """Exponential search then bisection on the replica count (see the module docstring)."""
+        from kvsim.methods import parse_method
+
+        meth = parse_method(method).spec_string()
+        tp = int(tensor_parallel_size)
+        n0 = len(self.log)
+        res = SearchResult(meth, tp, "infeasible")
+        lo, hi, r = 0, None, 1  # lo: largest count known infeasible (0: none)
+        while True:
+            ev = self.evaluate(meth, tp, r)
+            if ev.error is not None:
+                res.status, res.note = "error", ev.error
+                res.num_replays = len(self.log) - n0
+                return res
+            if ev.feasible:
+                hi = r
+                break
+            lo = r
+            if r >= max_replicas:
+                break
+            r = min(2 * r, max_replicas)
+        if hi is None:
+            res.note = f"SLO not met with {max_replicas} replicas ({ev.reason})"
+            res.evaluation = ev
+            res.num_replays = len(self.log) - n0
+            return res
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if self.evaluate(meth, tp, mid).feasible:
+                hi = mid
+            else:
+                lo = mid
+        res.status, res.num_replicas = "ok", hi
+        res.evaluation = self.evaluate(meth, tp, hi)  # cached
+        notes = []
+        if hi > 1:
+            res.below = self.evaluate(meth, tp, hi - 1)  # cached: bisection's last infeasible point
+            if res.below.feasible:  # cannot happen with the invariant above; kept as a guard
+                notes.append(f"{hi - 1} replicas also feasible")
+        if check_above:
+            res.above = self.evaluate(meth, tp, hi + 1)
+            if not res.above.feasible:
+                notes.append(f"non-monotone: {hi + 1} replicas miss the SLO ({res.above.reason})")
+        res.note = "; ".join(notes)
+        res.num_replays = len(self.log) - n0
+        return res
+
+    # -- highest sustainable rate ---------------------------------------------------------------------
+    def max_rate(self, method, tensor_parallel_size: int = 1, num_replicas: int = 1, rel_tol: float = 0.02,
+                 max_scale: float = 1024.0, min_scale: float = 1.0 / 1024) -> RateResult:
+        """Highest ``rate_scale`` (relative to the raw trace) at which this configuration meets the SLO."""
+        from kvsim.methods import parse_method
+
+        meth = parse_method(method).spec_string()
+        tp, nr = int(tensor_parallel_size), int(num_replicas)
+        n0 = len(self.log)
+        ok = lambda s: self.evaluate(meth, tp, nr, s)  # noqa: E731
+        base = self.rate_scale
+        first = ok(base)
+        if first.error is not None:
+            return RateResult(meth, tp, nr, None, None, first, len(self.log) - n0, first.error)
+        if first.feasible:
+            lo, hi = base, None
+            s = base * 2
+            while s <= max_scale:
+                if ok(s).feasible:
+                    lo, s = s, s * 2
+                else:
+                    hi = s
+                    break
+            if hi is None:
+                ev = ok(lo)
+                return RateResult(meth, tp, nr, lo, self._rate(lo), ev, len(self.log) - n0,
+                                  f"feasible up to the search cap rate_scale={max_scale:g}")
+        else:
+            hi, lo = base, None
+            s = base / 2
+            while s >= min_scale:
+                if ok(s).feasible:
+                    lo = s
+                    break
+                hi, s = s, s / 2
+            if lo is None:
+                return RateResult(meth, tp, nr, None, None, first, len(self.log) - n0,
+                                  f"SLO not met even at rate_scale={min_scale:g}")
+        while hi / lo > 1.0 + rel_tol:
+            mid = math.sqrt(lo * hi)
+            if ok(mid).feasible:
+                lo = mid
+            else:
+                hi = mid
+        return RateResult(meth, tp, nr, lo, self._rate(lo), ok(lo), len(self.log) - n0)
+
+    def _rate(self, scale: float) -> float | None:
+        r = self.info.request_rate
+        return r * scale if r is not None else None
+
+
+# -- the plan table ----------------------------------------------------------------------------------------
+PLAN_COLUMNS = [
+    "method", "status", "tensor_parallel_size", "num_replicas", "gpus", "gpu_hours_per_million", "margin_pct",
+    "worst_term", "request_rate", "rate_scale", "completed", "num_replays", "max_rate_scale", "max_request_rate",
+    "note",
+]
+
+
+def _plan_row(planner: Planner, res: SearchResult) -> dict:
+    row = {"method": res.method, "status": res.status, "tensor_parallel_size": res.tensor_parallel_size,
+           "num_replicas": res.num_replicas, "rate_scale": planner.rate_scale,
+           "request_rate": planner.request_rate(), "num_replays": res.num_replays, "note": res.note}
+    ev = res.evaluation
+    if res.status == "ok" and ev is not None:
+        row.update(gpus=ev.gpus, margin_pct=ev.margin_pct, worst_term=ev.worst_term, completed=ev.completed,
+                   gpu_hours_per_million=planner.gpu_hours_per_million(ev.gpus, ev.completed,
+                                                                       fallback_duration_s=ev.duration_s))
+        row.update(ev.values)
+    elif ev is not None:
+        row.update(margin_pct=ev.margin_pct, worst_term=ev.worst_term, completed=ev.completed)
+        row.update(ev.values)
+    return row
+
+
+def _best(rows: list[dict]) -> dict:
+    ok = [r for r in rows if r["status"] == "ok"]
+    if not ok:
+        return dict(rows[0], note="; ".join(f"tp={r['tensor_parallel_size']}: {r['note'] or r['status']}" for r in rows))
+    return min(ok, key=lambda r: (r["gpus"], -(r["margin_pct"] or 0.0), r["tensor_parallel_size"]))
+
+
+def _search_task(args):
+    planner, method, tp, max_replicas, check_above = args
+    res = planner.min_replicas(method, tp, max_replicas, check_above)
+    return _plan_row(planner, res), planner.log
+
+
+def _rate_task(args):
+    planner, method, tp, nr, rel_tol = args
+    return planner.max_rate(method, tp, nr, rel_tol), planner.log
+
+
+def _map(fn, tasks, jobs: int):
+    if jobs <= 1 or len(tasks) <= 1:
+        return [fn(t) for t in tasks]
+    from concurrent.futures import ProcessPoolExecutor
+
+    from kvsim.plan.sweep import mp_context
+
+    with ProcessPoolExecutor(max_workers=min(jobs, len(tasks)), mp_context=mp_context()) as ex:
+        return list(ex.map(fn, tasks))
+
+
+@dataclass
+class PlanResult:
+    rows: list[dict]  # one per method: the cheapest feasible configuration
+    candidates: list[dict]  # one per (method, TP degree)
+    evaluations: list[Evaluation]
+    trace: TraceInfo
+    terms: tuple
+
+    def df(self):
+        import pandas as pd
+
+        return pd.DataFrame(self.rows)
+
+    def format(self) -> str:
+        return format_plan(self.rows, self.terms)
+
+
+def plan_capacity(trace, slo, methods=("none",), model="llama-3.1-8b", hardware="h100",
+                  tensor_parallel_sizes=(1,), config: EngineConfig | None = None, rate_scale: float = 1.0,
+                  limit: int | None = None, max_replicas: int = 64, max_rate: bool = False,
+                  max_rate_config: tuple[int, int] | None = None, rate_tol: float = 0.02, check_above: bool = False,
+                  profile=None, auto_profile: bool = True, fmt=None, skip_invalid: bool = False, jobs: int = 1,
+                  out_dir=None) -> PlanResult:
+    """Per method, the fewest GPUs (replicas x TP from ``tensor_parallel_sizes``) meeting ``slo``.
+
+    With ``max_rate``, also the highest rate each method's planned configuration sustains (or the fixed
+    ``max_rate_config = (replicas, tp)``). Writes plan.csv / plan.md / plan.json when ``out_dir`` is given.
+    """
+    from kvsim.methods import parse_method
+
+    specs = _method_specs(methods) if isinstance(methods, str) else [parse_method(m).spec_string() for m in methods]
+    planner = Planner(trace, slo, model, hardware, config, profile, auto_profile, fmt, skip_invalid, limit, rate_scale)
+    tps = sorted({int(t) for t in tensor_parallel_sizes})
+    tasks = [(planner, m, tp, max_replicas, check_above) for m in specs for tp in tps]
+    evals: list[Evaluation] = []
+    candidates = []
+    for row, log in _map(_search_task, tasks, jobs):
+        candidates.append(row)
+        if jobs > 1:
+            evals.extend(log)
+    if jobs <= 1:
+        evals = list(planner.log)
+    rows = [_best([c for c in candidates if c["method"] == m]) for m in specs]
+    if max_rate:
+        rtasks, idx = [], []
+        for i, r in enumerate(rows):
+            if max_rate_config is not None:
+                nr, tp = max_rate_config
+            elif r["status"] == "ok":
+                nr, tp = r["num_replicas"], r["tensor_parallel_size"]
+            else:
+                continue
+            rtasks.append((planner, r["method"], tp, nr, rate_tol))
+            idx.append(i)
+        n_before = len(planner.log)
+        for i, (rr, log) in zip(idx, _map(_rate_task, rtasks, jobs)):
+            rows[i]["max_rate_scale"] = rr.max_rate_scale
+            rows[i]["max_request_rate"] = rr.max_request_rate
+            rows[i]["max_rate_config"] = f"{rr.num_replicas}x{rr.tensor_parallel_size}"
+            if rr.note:
+                rows[i]["note"] = "; ".join(filter(None, [rows[i].get("note"), f"max rate: {rr.note}"]))
+            if jobs > 1:
+                evals.extend(log)
+        if jobs <= 1:
+            evals.extend(planner.log[n_before:])
+    result = PlanResult(rows, candidates, evals, planner.info, planner.terms)
+    if out_dir is not None:
+        write_plan(result, out_dir, {"trace": str(trace) if isinstance(trace, (str, Path)) else "<requests>",
+                                     "model": model, "hardware": hardware, "rate_scale": rate_scale, "limit": limit,
+                                     "tensor_parallel_sizes": tps, "max_replicas": max_replicas})
+    return result
+
+
+def _method_specs(text: str) -> list[str]:
+    from kvsim.methods import parse_method_list
+
+    return [m.spec_string() for m in parse_method_list(text)]
+
+
+def _fmt(v, nd=4):
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{nd}g}"
+    return str(v)
+
+
+def format_plan(rows: list[dict], terms=()) -> str:
+    term_cols = [t.key for t in terms]
+    cols = ["method", "status", "tensor_parallel_size", "num_replicas", "gpus", "gpu_hours_per_million",
+            "margin_pct", "worst_term", *term_cols]
+    if any("max_request_rate" in r for r in rows):
+        cols += ["max_rate_config", "max_rate_scale", "max_request_rate"]
+    heads = {"tensor_parallel_size": "tp", "num_replicas": "replicas", "gpu_hours_per_million": "GPU-h/Mreq",
+             "margin_pct": "margin %", "max_rate_scale": "max rate x", "max_request_rate": "max req/s",
+             "max_rate_config": "at"}
+    lines = ["| " + " | ".join(heads.get(c, c) for c in cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
+    notes = [f"- {r['method']}: {r['note']}" for r in rows if r.get("note")]
+    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
+
+
+def write_plan(result: PlanResult, out_dir, meta: dict | None = None) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    term_cols = [t.key for t in result.terms]
+    cols = PLAN_COLUMNS[:8] + term_cols + PLAN_COLUMNS[8:] + ["max_rate_config"]
+    for name, rows in (("plan.csv", result.rows), ("plan_candidates.csv", result.candidates)):
+        with open(out / name, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
+            w.writeheader()
+            for r in rows:
+                w.writerow(r)
+    (out / "plan.md").write_text(result.format())
+    doc = {"meta": meta or {}, "slo": [str(t) for t in result.terms],
+           "trace": {"count": result.trace.count, "duration_s": result.trace.duration_s,
+                     "request_rate": result.trace.request_rate},
+           "plan": result.rows, "candidates": result.candidates,
+           "evaluations": [e.as_row() for e in result.evaluations]}
+    (out / "plan.json").write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    return out
+
+
+# -- command line ----------------------------------------------------------------------------------------------
+def add_plan_parser(sub) -> None:
+    from kvsim import cli
+
+    p = sub.add_parser("plan", help="fewest GPUs per method that meet an SLO at the trace's rate (bisection search)",
+                       description=__doc__.split("\n\n")[0])
+    p.add_argument("--trace", required=True, help="trace file (kvsim JSONL, Azure CSV or Mooncake JSONL)")
+    p.add_argument("--slo", required=True, help="metric:stat=limit list, e.g. ttft_ms:p99=2000,tpot_ms:p99=100 "
+                   "(metrics ttft_ms tpot_ms itl_ms e2el_ms; stats mean p50 p90 p99 max)")
+    p.add_argument("--methods", default="none", help="comma-separated method specs, e.g. none,fp8,kivi:bits=2,h2o:budget=512")
+    p.add_argument("--model", default="llama-3.1-8b")
+    p.add_argument("--hardware", default="h100")
+    p.add_argument("--tp", default=None, help="tensor-parallel degrees to consider, e.g. 1,2,4 "
+                   "(default: --tensor-parallel-size, else 1)")
+    p.add_argument("--rate-scale", type=float, default=1.0, help="plan for the trace's rate times this")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N requests")
+    p.add_argument("--max-replicas", type=int, default=64, help="search cap on replicas per TP degree")
+    p.add_argument("--check-above", action="store_true", help="also replay found+1 replicas and flag non-monotone results")
+    p.add_argument("--max-rate", action="store_true", help="also find the highest rate each planned configuration sustains")
+    p.add_argument("--max-rate-config", default=None, metavar="REPLICASxTP",
+                   help="with --max-rate: search the rate of this fixed configuration instead (e.g. 2x1)")
+    p.add_argument("--rate-tol", type=float, default=0.02, help="relative tolerance of the rate search")
+    p.add_argument("--jobs", type=int, default=1, help="worker processes (one search per method x TP)")
+    p.add_argument("--profile", default=None)
+    p.add_argument("--no-profile", action="store_true")
+    p.add_argument("--format", dest="fmt", default=None)
+    p.add_argument("--skip-invalid", action="store_true")
+    p.add_argument("--out", default="out/plan", help="writes plan.csv, plan.md, plan_candidates.csv, plan.json")
+    cli.add_engine_args(p)
+    p.set_defaults(func=_cmd_plan)
+
+
+def _cmd_plan(args) -> int:
+    from kvsim import cli
+
+    cfg = cli.engine_config(args)
+    if args.tp:
+        try:
+            tps = [int(x) for x in args.tp.split(",") if x.strip()]
+        except ValueError:
+            raise ConfigError(f"--tp {args.tp!r}: expected comma-separated integers") from None
+    else:
+        tps = [cfg.tensor_parallel_size]
+    mrc = None
+    if args.max_rate_config:
+        a, _, b = args.max_rate_config.lower().partition("x")
+        try:
+            mrc = (int(a), int(b or 1))
+        except ValueError:
+            raise ConfigError(f"--max-rate-config {args.max_rate_config!r}: expected REPLICASxTP, e.g. 2x1") from None
+    t0 = time.perf_counter()
+    res = plan_capacity(args.trace, args.slo, _method_specs(args.methods), args.model, args.hardware, tps, cfg,
+                        args.rate_scale, args.limit, args.max_replicas, args.max_rate or mrc is not None, mrc,
+                        args.rate_tol, args.check_above, args.profile, not args.no_profile, args.fmt,
+                        args.skip_invalid, args.jobs, args.out)
+    info = res.trace
+    rate = info.request_rate
+    print(f"kvsim plan: {args.model} on {args.hardware}, trace {args.trace}: {info.count} requests over "
+          f"{info.duration_s / args.rate_scale:.1f} s"
+          + (f" ({rate * args.rate_scale:.3f} req/s)" if rate else "")
+          + f", SLO {', '.join(map(str, res.terms))}; rejected requests count as violations")
+    print(res.format())
+    print(f"{len(res.evaluations)} replays in {time.perf_counter() - t0:.1f} s; wrote {args.out}/plan.csv, plan.md, "
+          "plan_candidates.csv, plan.json", file=sys.stderr)
+    return 0

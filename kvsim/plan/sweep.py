@@ -1,0 +1,462 @@
+"""``kvsim sweep grid.yaml --out DIR``: a grid of replays (the cartesian product of its axes) run in parallel.
+
+grid.yaml is a mapping. These keys are settings shared by every cell::
+
+    trace: traces/sample.jsonl     # a path; a list makes it an axis
+    slo: ttft_ms:p99=2000,tpot_ms:p99=100   # optional: adds slo_met / slo_margin_pct columns and goodput
+    limit: 200                     # optional: first N requests
+    format: kvsim                  # optional: trace format (default: detected)
+    skip_invalid: false
+    profile: auto                  # auto (a committed profile if one matches) | none (roofline) | a path
+
+and every other key is an axis, a list of values (a scalar is a one-value axis): ``model``, ``hardware``,
+``method`` (spec strings, or mappings whose list-valued knobs expand, e.g.
+``{name: h2o, budget: [256, 512]}``), ``rate_scale``, ``num_replicas``, ``tensor_parallel_size`` and any
+engine option (``max_num_seqs``, ``enable_prefix_caching``, ...). Axes may also be put under a ``grid:`` key.
+
+Each cell is one replay in a worker. Its result row = the cell's parameters + the flattened summary
+(``ttft_ms_p99``, ``output_throughput``, ...) + ``status`` (ok | error), ``error`` and ``elapsed_s``.
+Rows are appended to ``DIR/cells.jsonl`` as cells finish, so a killed sweep loses only the cells in
+flight; a rerun skips every cell whose id (a hash of its parameters) is already there (``retry_failed``
+reruns the ones that errored). At the end ``DIR/results.csv`` and ``DIR/results.parquet`` (pyarrow, the
+``sweep`` extra) hold the current grid's cells, one row each.
+
+Executors: ``local`` (``concurrent.futures.ProcessPoolExecutor``, ``jobs`` workers; ``jobs=1`` runs in this
+process) or ``ray`` (the ``ray`` extra): one task per cell on the Ray cluster ``ray_address`` points to
+(default: the running one, else a local instance). Workers must be able to import kvsim and read the
+trace path (the path is made absolute before dispatch).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import os
+import sys
+import time
+import traceback
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from kvsim.config import FIELDS as ENGINE_FIELDS
+from kvsim.errors import ConfigError
+
+#: top-level keys that are settings, not axes
+SETTINGS = ("trace", "slo", "limit", "format", "skip_invalid", "profile")
+RUN_AXES = ("model", "hardware", "method", "rate_scale")
+DEFAULTS = {"model": "llama-3.1-8b", "hardware": "h100", "method": "none", "rate_scale": 1.0, "profile": "auto",
+            "limit": None, "format": None, "skip_invalid": False, "slo": None}
+STATUS_COLUMNS = ["cell_id", "status", "error", "elapsed_s"]
+
+
+# -- the grid --------------------------------------------------------------------------------------------
+@dataclass
+class Grid:
+    settings: dict  # shared by every cell (trace, slo, limit, ...)
+    axes: dict  # name -> list of values, in file order
+    base_dir: Path  # where relative trace / profile paths are also looked up
+
+    def cells(self) -> list[dict]:
+        names = list(self.axes)
+        out = []
+        for combo in itertools.product(*(self.axes[n] for n in names)):
+            params = {**{k: v for k, v in self.settings.items() if k not in self.axes}, **dict(zip(names, combo))}
+            out.append(params)
+        return out
+
+    def __len__(self) -> int:
+        return math.prod(len(v) for v in self.axes.values()) if self.axes else 1
+
+
+def _expand_method(m) -> list:
+    """A method entry: a spec string, or a mapping whose list-valued knobs expand into several specs."""
+    from kvsim.methods import parse_method
+
+    if isinstance(m, dict):
+        d = dict(m)
+        name = d.pop("name", None)
+        if name is None:
+            raise ConfigError(f"grid: method mapping {m!r} has no 'name'")
+        keys = list(d)
+        vals = [v if isinstance(v, list) else [v] for v in d.values()]
+        return [parse_method({"name": name, **dict(zip(keys, c))}).spec_string() for c in itertools.product(*vals)]
+    return [parse_method(str(m)).spec_string()]
+
+
+def load_grid(grid, base_dir=None) -> Grid:
+    """A path to grid.yaml, or the same mapping in Python."""
+    if isinstance(grid, Grid):
+        return grid
+    if isinstance(grid, (str, Path)):
+        p = Path(grid)
+        try:
+            data = yaml.safe_load(p.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"grid file {str(p)!r} does not exist") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        base = p.resolve().parent
+        where = str(p)
+    else:
+        data, base, where = grid, Path(base_dir or "."), "grid"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: top level must be a mapping of axes to lists")
+    data = dict(data)
+    nested = data.pop("grid", None) or {}
+    if not isinstance(nested, dict):
+        raise ConfigError(f"{where}: 'grid' must be a mapping of axes to lists")
+    if "fmt" in data:
+        data["format"] = data.pop("fmt")
+    if isinstance(data.get("slo"), list):  # a list of terms is one SLO, not an axis
+        data["slo"] = ",".join(str(t) for t in data["slo"])
+    settings = {k: data.pop(k) for k in SETTINGS if k in data and not isinstance(data[k], list)}
+    raw_axes = {**data, **nested}
+    if "trace" not in settings and "trace" not in raw_axes:
+        raise ConfigError(f"{where}: no 'trace'")
+    if "methods" in raw_axes and "method" not in raw_axes:
+        raw_axes["method"] = raw_axes.pop("methods")
+    axes = {}
+    for k, v in raw_axes.items():
+        key = str(k).replace("-", "_")
+        if key == "fmt":
+            key = "format"
+        if key not in RUN_AXES and key not in ENGINE_FIELDS and key not in SETTINGS:
+            raise ConfigError(f"{where}: unknown axis {k!r}; axes are {', '.join(RUN_AXES)}, the settings "
+                              f"{', '.join(SETTINGS)} and engine options ({', '.join(sorted(ENGINE_FIELDS))})")
+        vals = v if isinstance(v, list) else [v]
+        if not vals:
+            raise ConfigError(f"{where}: axis {k!r} is an empty list")
+        if key == "method":
+            vals = [s for m in vals for s in _expand_method(m)]
+        axes[key] = vals
+    if settings.get("slo") is not None:
+        from kvsim.plan.planner import parse_slo_terms
+
+        settings["slo"] = ",".join(str(t) for t in parse_slo_terms(settings["slo"]))
+    return Grid(settings, axes, base)
+
+
+def cell_id(params: dict) -> str:
+    """A stable id for a cell: a hash of its parameters (order-free)."""
+    text = json.dumps(params, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+def _resolve_path(value, base_dir: Path):
+    if value is None:
+        return None
+    p = Path(value)
+    if p.is_absolute() or p.exists():
+        return str(p.resolve())
+    q = base_dir / p
+    return str(q.resolve()) if q.exists() else str(p)
+
+
+# -- one cell ---------------------------------------------------------------------------------------------
+def flatten_summary(summary: dict) -> dict:
+    """A replay summary as one flat row: latency dicts become ``ttft_ms_mean``, ``ttft_ms_p50`` (median),
+    ``ttft_ms_p90``, ``ttft_ms_p99``, ...; ``sim.*`` become ``sim_*``; ``engine`` and ``slo`` are dropped
+    (the cell's parameters carry them); ``rejected_reasons`` becomes a JSON string."""
+    row = {}
+    for k, v in summary.items():
+        if k in ("engine", "slo"):
+            continue
+        if k == "rejected_reasons":
+            row[k] = json.dumps(v, sort_keys=True)
+        elif isinstance(v, dict):
+            prefix = "sim" if k == "sim" else k
+            for kk, vv in v.items():
+                row[f"{prefix}_{'p50' if kk == 'median' else kk}"] = vv
+        else:
+            row[k] = v
+    return row
+
+
+def summary_frame(summaries):
+    """Summaries (dicts or ReplayResults) -> a pandas DataFrame, one flattened row each."""
+    import pandas as pd
+
+    return pd.DataFrame([flatten_summary(getattr(s, "summary", s)) for s in summaries])
+
+
+def run_cell(params: dict, base_dir: str | None = None) -> dict:
+    """Replay one cell; never raises: a failure becomes ``status=error`` with the error text."""
+    t0 = time.perf_counter()
+    row = {"cell_id": cell_id(params), **params}
+    try:
+        from kvsim import api
+        from kvsim.config import config_from_mapping
+        from kvsim.plan.planner import check_slo, goodput_slo, parse_slo_terms
+
+        base = Path(base_dir or ".")
+        engine = {k: v for k, v in params.items() if k in ENGINE_FIELDS}
+        cfg, _ = config_from_mapping(engine, source=f"cell {row['cell_id']}")
+        prof = params.get("profile", "auto")
+        prof_s = str(prof).lower() if prof is not None else "none"
+        auto = prof_s == "auto"
+        profile = None if prof_s in ("auto", "none", "roofline", "false") else _resolve_path(prof, base)
+        terms = parse_slo_terms(params.get("slo"))
+        spec = api.make_spec(params.get("model", DEFAULTS["model"]), params.get("hardware", DEFAULTS["hardware"]),
+                             params.get("method", "none"), cfg, profile, goodput_slo(terms), auto_profile=auto)
+        res = api.replay(_resolve_path(params["trace"], base), spec=spec, fmt=params.get("format"),
+                         skip_invalid=bool(params.get("skip_invalid", False)), keep_rows=False, plot=False,
+                         progress=False, rate_scale=float(params.get("rate_scale", 1.0)), limit=params.get("limit"))
+        row.update(flatten_summary(res.summary))
+        row["method"] = params.get("method", "none")  # keep the cell's spelling (the summary's is canonical)
+        row["method_spec"] = res.summary["method"]
+        if terms:
+            chk = check_slo(res.summary, terms)
+            row.update(slo_met=chk["feasible"], slo_margin_pct=chk["margin_pct"], slo_worst_term=chk["worst_term"])
+        row.update(status="ok", error=None)
+    except Exception as e:  # noqa: BLE001 - a failing cell is recorded, the sweep goes on
+        row.update(status="error", error=f"{type(e).__name__}: {e}")
+        if not isinstance(e, (ConfigError, ValueError, FileNotFoundError)):
+            row["traceback"] = traceback.format_exc(limit=6)
+    row["elapsed_s"] = time.perf_counter() - t0
+    return row
+
+
+def _run_cell_args(args):
+    return run_cell(*args)
+
+
+# -- results on disk ------------------------------------------------------------------------------------------
+def read_cells(path) -> dict[str, dict]:
+    """cells.jsonl -> {cell_id: row}; a later line for the same id wins; a torn last line is ignored."""
+    done: dict[str, dict] = {}
+    p = Path(path)
+    if not p.exists():
+        return done
+    with open(p) as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a kill
+            if isinstance(row, dict) and "cell_id" in row:
+                done[row["cell_id"]] = row
+    return done
+
+
+def _json_default(x):
+    if hasattr(x, "item"):
+        return x.item()
+    return str(x)
+
+
+def write_results(rows: list[dict], out_dir, param_cols: list[str]) -> dict:
+    """results.csv (always) and results.parquet (when pandas and pyarrow are installed)."""
+    out = Path(out_dir)
+    paths = {"csv": out / "results.csv"}
+    front = ["cell_id", *param_cols, "status", "error"]
+    rest = []
+    for r in rows:
+        for k in r:
+            if k not in front and k not in rest and k != "traceback":
+                rest.append(k)
+    cols = front + rest
+    try:
+        import pandas as pd
+    except ImportError:
+        pd = None
+    if pd is None:
+        import csv
+
+        with open(paths["csv"], "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
+            w.writeheader()
+            for r in rows:
+                w.writerow(r)
+        warnings.warn("pandas is not installed: wrote results.csv only (pip install 'kvsim[sweep]' for Parquet)")
+        return paths
+    df = pd.DataFrame(rows, columns=cols)
+    df.to_csv(paths["csv"], index=False)
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        warnings.warn("pyarrow is not installed: wrote results.csv only (pip install 'kvsim[sweep]' for Parquet)")
+        return paths
+    pq = df.copy()
+    for c in pq.columns:  # mixed-type object columns (e.g. an axis of [null, 256, "x"]) as strings
+        if pq[c].dtype == object:
+            types = {type(v) for v in pq[c] if v is not None and not (isinstance(v, float) and math.isnan(v))}
+            if len(types) > 1:
+                pq[c] = pq[c].map(lambda v: None if v is None else str(v))
+    paths["parquet"] = out / "results.parquet"
+    pq.to_parquet(paths["parquet"], index=False)
+    return paths
+
+
+@dataclass
+class SweepResult:
+    rows: list[dict]
+    out_dir: Path
+    paths: dict
+    ran: int
+    skipped: int
+    failed: int
+
+    def df(self):
+        import pandas as pd
+
+        return pd.DataFrame(self.rows)
+
+
+# -- executors ------------------------------------------------------------------------------------------------
+def mp_context(name: str | None = None):
+    """The multiprocessing context for local workers: ``name`` or $KVSIM_MP_START (fork, spawn, forkserver),
+    else the platform default (fork on Linux up to Python 3.13). With fork, a script that calls
+    ``run_sweep`` needs no ``if __name__ == "__main__"`` guard; spawn and forkserver re-import it."""
+    import multiprocessing as mp
+
+    return mp.get_context(name or os.environ.get("KVSIM_MP_START") or None)
+
+
+def _local(todo, base_dir, jobs, on_done, on_start):
+    if jobs <= 1:
+        on_start()
+        for params in todo:
+            on_done(params, run_cell(params, base_dir))
+        return
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=mp_context()) as ex:
+        futs = {ex.submit(run_cell, params, base_dir): params for params in todo}
+        on_start()  # after the workers exist: the progress bar's thread is not forked into them
+        for fut in as_completed(futs):
+            params = futs[fut]
+            try:
+                row = fut.result()
+            except Exception as e:  # noqa: BLE001 - the worker died (killed, out of memory)
+                row = {"cell_id": cell_id(params), **params, "status": "error",
+                       "error": f"worker failed: {type(e).__name__}: {e}", "elapsed_s": None}
+            on_done(params, row)
+
+
+def _ray(todo, base_dir, jobs, on_done, on_start, address=None):
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("--executor ray needs Ray: pip install 'kvsim[ray]'") from None
+    started = False
+    if not ray.is_initialized():
+        kw = {"address": address} if address else {}
+        if not address and jobs > 1:
+            kw["num_cpus"] = jobs
+        ray.init(include_dashboard=False, log_to_driver=False, **kw)
+        started = True
+    try:
+        remote = ray.remote(num_cpus=1, max_retries=1)(run_cell)
+        refs = {remote.remote(params, base_dir): params for params in todo}
+        on_start()
+        pending = list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            for ref in ready:
+                params = refs[ref]
+                try:
+                    row = ray.get(ref)
+                except Exception as e:  # noqa: BLE001 - task or worker failure
+                    row = {"cell_id": cell_id(params), **params, "status": "error",
+                           "error": f"ray task failed: {type(e).__name__}: {e}", "elapsed_s": None}
+                on_done(params, row)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def run_sweep(grid, out_dir, executor: str = "local", jobs: int | None = None, progress: bool = True,
+              retry_failed: bool = False, ray_address: str | None = None, base_dir=None) -> SweepResult:
+    """Run every cell of ``grid`` not already in ``out_dir/cells.jsonl``; return all of the grid's rows."""
+    g = load_grid(grid, base_dir)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cells_path = out / "cells.jsonl"
+    done = read_cells(cells_path)
+    cells = g.cells()
+    ids = [cell_id(c) for c in cells]
+    if len(set(ids)) != len(ids):
+        raise ConfigError("grid: two cells have the same parameters (a repeated axis value?)")
+    keep = lambda r: r.get("status") == "ok" or (r.get("status") == "error" and not retry_failed)  # noqa: E731
+    todo = [c for c, i in zip(cells, ids) if not (i in done and keep(done[i]))]
+    skipped = len(cells) - len(todo)
+    jobs = jobs if jobs is not None else (os.cpu_count() or 1)
+    (out / "grid.json").write_text(json.dumps({"settings": g.settings, "axes": g.axes}, indent=1, default=str) + "\n")
+    bar = None
+
+    def on_start():
+        nonlocal bar
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(cells), initial=skipped, unit="cell", desc="sweep", file=sys.stderr, disable=None)
+
+    failed = 0
+    if cells_path.exists() and cells_path.stat().st_size:
+        with open(cells_path, "rb") as fb:
+            fb.seek(-1, os.SEEK_END)
+            torn = fb.read(1) != b"\n"
+        if torn:  # a line cut short by a kill: end it, so the next row starts on its own line
+            with open(cells_path, "a") as f:
+                f.write("\n")
+    with open(cells_path, "a") as f:
+        def on_done(params, row):
+            nonlocal failed
+            done[row["cell_id"]] = row
+            f.write(json.dumps(row, default=_json_default) + "\n")
+            f.flush()
+            if row.get("status") != "ok":
+                failed += 1
+            if bar is not None:
+                bar.update(1)
+                if failed:
+                    bar.set_postfix(failed=failed)
+
+        if executor not in ("local", "ray"):
+            raise ConfigError(f"unknown executor {executor!r}; use local or ray")
+        if not todo:
+            on_start()
+        elif executor == "local":
+            _local(todo, str(g.base_dir), jobs, on_done, on_start)
+        else:
+            _ray(todo, str(g.base_dir), jobs, on_done, on_start, ray_address)
+    if bar is not None:
+        bar.close()
+    rows = [done[i] for i in ids]
+    param_cols = list(dict.fromkeys(k for c in cells for k in c))
+    paths = write_results(rows, out, param_cols)
+    return SweepResult(rows, out, paths, len(todo), skipped, failed)
+
+
+# -- command line -------------------------------------------------------------------------------------------
+def add_sweep_parser(sub) -> None:
+    p = sub.add_parser("sweep", help="run a grid of replays (methods x knobs x rates x replicas x hardware x model) in parallel",
+                       description=__doc__.split("\n\n")[0])
+    p.add_argument("grid", help="grid.yaml (see examples/grid.yaml)")
+    p.add_argument("--out", required=True, help="results directory: cells.jsonl, results.csv, results.parquet")
+    p.add_argument("--executor", choices=["local", "ray"], default="local")
+    p.add_argument("--jobs", type=int, default=None, help="local worker processes (default: CPU count); 1 runs in-process")
+    p.add_argument("--ray-address", default=None, help="Ray cluster address (default: running cluster, else a local one)")
+    p.add_argument("--retry-failed", action="store_true", help="rerun cells that errored before")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_sweep)
+
+
+def _cmd_sweep(args) -> int:
+    res = run_sweep(args.grid, args.out, args.executor, args.jobs, not args.quiet, args.retry_failed, args.ray_address)
+    files = ", ".join(str(p) for p in res.paths.values())
+    print(f"sweep: {len(res.rows)} cells: ran {res.ran} (failed {res.failed}), skipped {res.skipped} already done; wrote {files}")
+    errs = [r for r in res.rows if r.get("status") != "ok"]
+    for r in errs[:10]:
+        print(f"  failed {r['cell_id']}: {r.get('error')}")
+    if len(errs) > 10:
+        print(f"  ... and {len(errs) - 10} more (see {args.out}/cells.jsonl)")
+    return 1 if errs else 0
