@@ -110,6 +110,11 @@ class ProfiledCost(CostModel):
         self._allreduce = t.get("comm.all_reduce")
         self._step_tok = [tab for name, tab in t.items() if name.startswith("step.") and tab.axis_names == ("num_tokens",)]
         self._step_seq = [tab for name, tab in t.items() if name.startswith("step.") and tab.axis_names == ("batch_size",)]
+        #: once-per-step kernels the profile lacks come from the roofline (Vidur has no final norm or sampler)
+        self._step_roof_tok = [op for op in ("embedding", "final_norm") if f"step.{op}" not in t]
+        self._step_roof_seq = [op for op in ("sampler",) if f"step.{op}" not in t]
+        #: expert parallelism: the profile times all experts on one GPU; a rank holds E / ep of them
+        self._moe_by_experts = t.get("linear.moe_by_experts") if (self.model.is_moe and fallback.ep > 1) else None
         self._prefill = t.get(f"attention.prefill.{self.method.prefill_attention}")
         self._decode = t.get(f"attention.decode.{self.method.name}")
         self._decode_scaled = None
@@ -118,8 +123,11 @@ class ProfiledCost(CostModel):
             self._roof_none = RooflineCost(fallback.model, fallback.hw, NoCompression(), fallback.tp, fallback.params, fallback.ep)
         self._extra_decode = t.get(f"extra.decode.{self.method.name}")
         self._extra_prefill = t.get(f"extra.prefill.{self.method.name}")
+        # a profile of kernel times only (no step_overhead_s) gets the roofline's a-priori time outside
+        # kernels: per step, and per layer (gaps between a layer's kernels in a CUDA-graph replay)
         self.step_overhead_s = (profile.step_overhead_s if "step_overhead_s" in profile.data
-                                else fallback.params.step_overhead_s)
+                                else fallback.params.step_overhead_s
+                                + self.model.num_layers * fallback.params.layer_overhead_s)
         self._dense_cache: dict[int, float] = {}
         self.hits = 0
         self.misses = 0
@@ -139,10 +147,13 @@ class ProfiledCost(CostModel):
         per_layer = 0.0
         for op in self.LINEAR:
             tab = self._linear[op]
-            v = tab.lookup_at(T) if tab is not None else None
+            if op == "mlp" and self._moe_by_experts is not None:
+                v = self._moe_rank_time(T)
+            else:
+                v = tab.lookup_at(T) if tab is not None else None
             if v is None:
                 works = works or roof.linear_works(T)
-                v = roof._t(works[op])
+                v = roof.linear_time_s(op, T, works)
                 self.misses += 1
             else:
                 self.hits += 1
@@ -150,6 +161,7 @@ class ProfiledCost(CostModel):
         if roof.tp > 1:
             nbytes = T * self.model.hidden_size * self.model.dtype_bytes
             per_layer += 2 * self._get(self._allreduce, lambda: roof.allreduce_time_s(T) / 2, nbytes)
+        per_layer += roof.alltoall_time_s(T)
         t = self.model.num_layers * per_layer
         t += self._get(self._lm_head, lambda: roof.lm_head_time_s(rows), rows) if rows else 0.0
         for tab in self._step_tok:
@@ -157,7 +169,23 @@ class ProfiledCost(CostModel):
         if rows:
             for tab in self._step_seq:
                 t += linear_edge_lookup(tab, rows)
+        for op in self._step_roof_tok:
+            t += roof.step_op_time_s(op, T)
+        for op in self._step_roof_seq:
+            t += roof.step_op_time_s(op, rows)
         return t + self.step_overhead_s
+
+    def _moe_rank_time(self, T: int):
+        """One expert-parallel rank's MoE block: T x top_k token-expert pairs (its share of the group's
+        when every rank carries T tokens) over the local experts the group's ep x T tokens touch,
+        looked up in the profile's (tokens, activated experts) grid; None outside it."""
+        m, ep = self.model, self.roof.ep
+        E, k = m.num_experts, m.num_experts_per_tok
+        local = (E / ep) * (1.0 - (1.0 - k / E) ** (T * ep))
+        tab = self._moe_by_experts
+        ax = tab.axes["activated_experts"]
+        # the grid's smallest expert count is top_k: fewer distinct local experts cost no less than that
+        return tab.lookup_at(T, min(max(local, ax[0]), ax[-1]))
 
     def decode_attention_time_s(self, B: int, kept: int) -> float:
         if B == 0:
@@ -192,7 +220,7 @@ class ProfiledCost(CostModel):
             v = prefill_lookup(self._prefill, q, kv) if self._prefill is not None else None
             if v is None:
                 self.misses += 1
-                v = roof._t(self.method.prefill_attention_work(m, roof.tp, q, kv), attn=True)
+                v = roof.attention_time_s(self.method.prefill_attention_work(m, roof.tp, q, kv), 1, q)
             else:
                 self.hits += 1
             e = self._extra_prefill.lookup_at(q, kv) if self._extra_prefill is not None else None
@@ -204,8 +232,10 @@ class ProfiledCost(CostModel):
     def step_time_s(self, shape: StepShape) -> float:
         if not shape.prefill_chunks:
             return self.decode_step_time_s(shape.num_decode_seqs, shape.decode_kept_tokens)
+        # decodes in a step that prefills are rows of one variable-length prefill call (vLLM V1): the
+        # profile's pure-decode table does not apply; the roofline fitted on this GPU's prefill kernel does
         return (self.dense_time_s(shape.num_tokens, shape.num_logit_tokens)
-                + self.decode_attention_time_s(shape.num_decode_seqs, shape.decode_kept_tokens)
+                + self.roof.mixed_decode_attention_time_s(shape.num_decode_seqs, shape.decode_kept_tokens)
                 + self.prefill_attention_time_s(shape.prefill_chunks))
 
     def decode_step_time_s(self, num_seqs: int, kept_tokens_sum: int) -> float:

@@ -1,37 +1,66 @@
 """The embedded default cost model: a roofline per operation of one transformer layer.
 
-For every operation ``op`` of a step the model counts FLOPs and bytes moved on one GPU and takes
+For every operation of a step the model counts FLOPs ``F`` and bytes moved ``B`` on one GPU, and the
+number of kernels ``n`` it launches. ``P`` is the dense fp16/bf16 tensor peak (the fp8 peak for an fp8
+model), ``W`` the peak memory bandwidth, ``X`` the per-GPU interconnect bandwidth (one direction).
 
-    t_op = max(flops / (peak_flops * eff_flops), bytes / (mem_bw * eff_mem)) + kernel_overhead_s
+    GEMM over T tokens:   t = max(F / (P eff_gemm(T)), B / (W eff_mem)) + n kernel_overhead_s
+                          eff_gemm(T) = eff_flops T / (T + gemm_half_tokens)
+    element-wise op:      t = B / (W eff_elem) + n elem_overhead_s
+                          (eff_elem > 1 where activations stay in the L2 cache between kernels)
+    attention (one call): t = max(F' / (P eff_attn_flops), B / (W eff_attn_mem)) + s attn_seq_overhead_s
+                              + attn_overhead_s   (the KV-cache write and the attention kernel)
+                          s sequences; for a prefill chunk of q tokens over H query heads
+                          F' = F max(H max(q, attn_q_tile), attn_ctas attn_q_tile) / (H q):
+                          a partial query tile costs a whole one, and a call with fewer than
+                          attn_ctas tiles leaves the GPU partly idle (wave quantisation)
+    all-reduce of S bytes over p GPUs (ring):  t = allreduce_latency_s + 2 (p-1)/p S / (X eff_comm)
 
-(``peak_flops`` is the dense fp16/bf16 tensor peak, or the fp8 peak for an fp8 model). A step is
+``eff_gemm(T)`` is the achieved fraction of peak of a GEMM whose M dimension is T tokens: it rises to
+``eff_flops`` for large T and is lower for small T (tile and wave quantisation), which in time is a
+floor of ``gemm_half_tokens`` tokens' worth of FLOPs on every GEMM. A step is
 
     t_step = num_layers * (t_qkv + t_o + t_mlp + t_other + t_attn_prefill + t_attn_decode
-                           + t_method_extra + t_allreduce) + t_lm_head + step_overhead_s
+                           + t_method_extra + t_allreduce + t_alltoall + layer_overhead_s)
+             + t_lm_head + t_embedding + t_final_norm + t_sampler + step_overhead_s
 
-Counts, with T new tokens in the step, h hidden size, q = heads x head_dim, k = kv_heads x head_dim,
-i intermediate size, p = tensor-parallel degree, b bytes per weight/activation element:
+Counts, with T new tokens in the step, R rows that sample a token, h hidden size, q = heads x head_dim,
+k = kv_heads x head_dim, i intermediate size, V vocabulary, p tensor-parallel degree, b bytes per
+weight/activation element:
 
-- QKV: flops 2 T h (q + 2k) / p; bytes b (h (q + 2k) / p + T h + T (q + 2k) / p)   (weights read once)
-- O:   flops 2 T q h / p;       bytes b (q h / p + T q / p + T h)
-- MLP (gated): flops 6 T h i / p; bytes b (3 h i / p + T h + 3 T i / p)
-- MoE: as MLP over the experts each token activates (top-k); weight bytes of the distinct experts the
-  step touches, E (1 - (1 - k/E)^T) experts in expectation; router 2 T h E flops
-- other (2 RMSNorms, rotary, 2 residual adds): memory bound, bytes 10 T h b
+- QKV (GEMM, 1 kernel): F 2 T h (q + 2k) / p; B b (h (q + 2k) / p + T h + T (q + 2k) / p) (weights read once)
+- O (GEMM, 1):          F 2 T q h / p;       B b (q h / p + T q / p + T h)
+- MLP (gated; GEMM, 3: gate_up, activation, down): F 6 T h i / p; B b (3 h i / p + T h + 3 T i / p)
+- MoE (GEMM, 6: router, top-k, align, two grouped GEMMs, activation) with E experts of width i_e, top-k
+  routing and ``e`` expert-parallel ranks: every rank is assumed to carry the same T tokens, so a rank
+  computes T k token-expert pairs (F 6 T k h i_e / p + router 2 T h E) and reads the weights of the
+  distinct local experts the group's e T tokens touch, (E / e) (1 - (1 - k/E)^(e T)) in expectation;
+  with e > 1 each MoE layer also all-gathers the tokens and reduce-scatters the outputs among the
+  ranks: 2 (allreduce_latency_s + (e-1) T h b / (X eff_comm))
+- other (element-wise, 4 kernels: 2 fused add+RMSNorm, rotary, the rest): B T (8 h + 2 (q + 2k)) b
 - attention: from the compression method (``Method.prefill_attention_work`` /
-  ``decode_attention_work`` and the ``*_extra_work`` hooks), so each method's kernel path is costed
-- all-reduce (p > 1): 2 per layer of T h b bytes, ring: 2 (p-1)/p x bytes / interconnect + latency
-- LM head: flops 2 R h V / p, bytes b (h V / p + R h) for the R rows that sample a token
+  ``decode_attention_work`` and the ``*_extra_work`` hooks), so each method's kernel path is costed.
+  A step that prefills runs all its attention as one variable-length prefill call (vLLM V1), so its
+  decodes are one-query rows of that call: each pays a whole query tile per head (F' above with q = 1),
+  without the decode kernel's split-KV and grouped-query packing
+- all-reduce (p > 1): 2 per layer of T h b bytes
+- LM head (GEMM over R rows): F 2 R h V / p, B b (h V / p + R h); embedding (1 kernel) B 2 T h b;
+  final norm (1) B 4 T h b; sampler (6, greedy: fp32 logits written and read) B 8 R V
+- ``layer_overhead_s`` and ``step_overhead_s``: what a real step takes beyond its kernels' own times
+  (gaps between kernels in a CUDA-graph replay, input copies, host work not hidden by asynchronous
+  scheduling). Kernel timings cannot show them, so they are set a priori (README, "Calibration").
 
-The efficiency terms live in :class:`RooflineParams`; ``kvsim/cost/calibration.yaml`` holds values
-fitted on published real-GPU timings per hardware (see README, "Calibration"), and the generic
-defaults below are used for hardware without a fit.
+The efficiency terms live in :class:`RooflineParams`. ``kvsim/cost/calibration.yaml`` holds values
+fitted per hardware by ``kvsim calibrate`` on the real-GPU kernel timings in ``profiles/imported/``
+(a ``default`` entry, fitted across all of them, serves hardware without a fit); the generic defaults
+below are used only when that file is missing.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields, replace
+from functools import lru_cache
 from importlib import resources
 
 import yaml
@@ -42,37 +71,97 @@ from kvsim.methods.base import Method
 from kvsim.specs.hardware import HardwareSpec
 from kvsim.specs.model import ModelSpec
 
+#: kernels launched per operation (each pays ``kernel_overhead_s``)
+KERNELS = {"qkv": 1, "o": 1, "mlp": 3, "moe": 6, "other": 4, "lm_head": 1, "attention": 2,
+           "embedding": 1, "final_norm": 1, "sampler": 6}
+
 
 @dataclass(frozen=True)
 class RooflineParams:
     #: achieved fraction of peak tensor FLOP/s in large GEMMs
     eff_flops: float = 0.7
-    #: achieved fraction of peak memory bandwidth for streaming reads (weights, KV)
+    #: GEMM efficiency falls as T / (T + gemm_half_tokens) for a GEMM over T tokens (0 = flat)
+    gemm_half_tokens: float = 0.0
+    #: achieved fraction of peak memory bandwidth for streaming reads (weights, activations)
     eff_mem: float = 0.8
+    #: achieved fraction of peak memory bandwidth in element-wise kernels (norms, rotary, sampler); None = eff_mem
+    eff_elem: float | None = None
     #: achieved fraction of peak FLOP/s in attention kernels
     eff_attn_flops: float = 0.5
-    #: fixed time per kernel launch-and-drain, charged once per operation per layer
+    #: achieved fraction of peak memory bandwidth reading the (paged) KV cache; None = eff_mem
+    eff_attn_mem: float | None = None
+    #: query rows of one attention tile: a prefill chunk of q < attn_q_tile tokens costs the FLOPs of
+    #: attn_q_tile queries (0 = no padding)
+    attn_q_tile: float = 0.0
+    #: attention tiles the GPU runs at once: a prefill call with fewer (heads x query tiles) takes as
+    #: long as this many would (0 = no such floor)
+    attn_ctas: float = 0.0
+    #: fixed time of one attention call (KV-cache write + attention kernel); None = 2 kernel_overhead_s
+    attn_overhead_s: float | None = None
+    #: attention time per sequence in the batch (block-table walk, partial last block, split-KV merge)
+    attn_seq_overhead_s: float = 0.0
+    #: fixed time of one kernel (launch-and-drain as a kernel timer sees it)
     kernel_overhead_s: float = 4e-6
-    #: fixed time per engine step (scheduler, sampler, input preparation)
+    #: fixed time of one element-wise kernel (norm, rotary, sampler); None = kernel_overhead_s
+    elem_overhead_s: float | None = None
+    #: per layer per step: gaps between the layer's kernels in a real step (not in kernel timings)
+    layer_overhead_s: float = 0.0
+    #: fixed time per engine step beyond its kernels (input copies, host work not overlapped)
     step_overhead_s: float = 2e-3
-    #: all-reduce latency per call
+    #: achieved fraction of the interconnect bandwidth in collectives
+    eff_comm: float = 1.0
+    #: latency of one collective call
     allreduce_latency_s: float = 10e-6
     #: where these values came from
     source: str = "generic defaults (uncalibrated)"
 
 
-def calibrated_params(hardware: str) -> RooflineParams:
-    """Fitted params for this hardware if ``calibration.yaml`` has them, else the generic defaults."""
+@lru_cache(maxsize=1)
+def _calibration_table() -> dict:
     try:
         text = resources.files("kvsim.cost").joinpath("calibration.yaml").read_text()
-    except FileNotFoundError:
-        return RooflineParams()
-    table = (yaml.safe_load(text) or {}).get("hardware", {})
-    entry = table.get(hardware) or table.get("default")
-    if not entry:
-        return RooflineParams()
+    except (FileNotFoundError, OSError):
+        return {}
+    return yaml.safe_load(text) or {}
+
+
+def params_from_entry(entry: dict, source: str | None = None) -> RooflineParams:
     known = {f.name for f in fields(RooflineParams)}
-    return replace(RooflineParams(), **{k: v for k, v in entry.items() if k in known})
+    kw = {}
+    for k, v in entry.items():
+        if k not in known:
+            continue
+        if k != "source" and v is not None:
+            try:
+                v = float(v)  # PyYAML reads "1e-05" (no dot) as a string
+            except (TypeError, ValueError):
+                from kvsim.errors import ConfigError
+
+                raise ConfigError(f"calibration.yaml: {k}: value {v!r} is not a number") from None
+        kw[k] = v
+    if source is not None and "source" not in kw:
+        kw["source"] = source
+    return replace(RooflineParams(), **kw)
+
+
+def calibrated_params(hardware: str) -> RooflineParams:
+    """Fitted params for this hardware if ``calibration.yaml`` has them, else its ``default`` entry
+    (fitted across all hardware), else the generic defaults."""
+    table = _calibration_table().get("hardware", {})
+    entry = table.get(hardware)
+    if entry:
+        return params_from_entry(entry, f"calibration.yaml: {hardware}")
+    entry = table.get("default")
+    if entry:
+        return params_from_entry(entry, f"calibration.yaml: default (no fit for {hardware})")
+    return RooflineParams()
+
+
+def withheld_params(hardware: str, model: str) -> RooflineParams | None:
+    """Params fitted with this (hardware, model)'s profiles left out (``leave_one_out`` in
+    ``calibration.yaml``), for validating the roofline on a pair it never saw; None if not fitted."""
+    entry = (_calibration_table().get("leave_one_out") or {}).get(f"{hardware}/{model}")
+    return params_from_entry(entry, f"calibration.yaml: {hardware} without {model}") if entry else None
 
 
 class RooflineCost(CostModel):
@@ -87,20 +176,67 @@ class RooflineCost(CostModel):
         self.ep = expert_parallel_size
         self.params = params or calibrated_params(hardware.name)
         self.name = "roofline"
+        pr = self.params
         self.peak_flops = hardware.fp8_flops if (model.dtype_bytes == 1 and hardware.fp8_flops) else hardware.fp16_flops
-        self._flops_rate = self.peak_flops * self.params.eff_flops
-        self._attn_rate = self.peak_flops * self.params.eff_attn_flops
-        self._bw = hardware.mem_bw_bytes_per_s * self.params.eff_mem
+        self._flops_rate = self.peak_flops * pr.eff_flops
+        self._attn_rate = self.peak_flops * pr.eff_attn_flops
+        self._bw = hardware.mem_bw_bytes_per_s * pr.eff_mem
+        self._attn_bw = hardware.mem_bw_bytes_per_s * (pr.eff_attn_mem if pr.eff_attn_mem is not None else pr.eff_mem)
+        self._elem_bw = hardware.mem_bw_bytes_per_s * (pr.eff_elem if pr.eff_elem is not None else pr.eff_mem)
+        self._qtile = pr.attn_q_tile
+        self._ctas = pr.attn_ctas
+        self._heads = model.num_attention_heads / tensor_parallel_size
+        self._seq_ko = pr.attn_seq_overhead_s
+        self._elem_ko = pr.elem_overhead_s if pr.elem_overhead_s is not None else pr.kernel_overhead_s
+        self._attn_ko = pr.attn_overhead_s if pr.attn_overhead_s is not None else KERNELS["attention"] * pr.kernel_overhead_s
+        self._link = hardware.interconnect_bw_bytes_per_s * pr.eff_comm
+        self._ko = pr.kernel_overhead_s
+        self._half = pr.gemm_half_tokens
         self._dense_cache: dict[int, float] = {}
         self._affine: dict[int, object] = {}
         self._decode_coef: dict[int, object] = {}
 
     # -- primitives --------------------------------------------------------------------------
     def _t(self, w: Work, attn: bool = False) -> float:
+        """A generic kernel (a method's own work): max of compute and memory time plus one overhead."""
         if w.flops == 0.0 and w.bytes == 0.0:
             return 0.0
-        rate = self._attn_rate if attn else self._flops_rate
-        return max(w.flops / rate, w.bytes / self._bw) + self.params.kernel_overhead_s
+        if attn:
+            return max(w.flops / self._attn_rate, w.bytes / self._attn_bw) + self._ko
+        return max(w.flops / self._flops_rate, w.bytes / self._bw) + self._ko
+
+    def gemm_time_s(self, w: Work, tokens: float, kernels: int = 1) -> float:
+        if w.flops == 0.0 and w.bytes == 0.0:
+            return 0.0
+        tf = w.flops / self._flops_rate
+        if self._half and tokens > 0:
+            tf *= 1.0 + self._half / tokens
+        return max(tf, w.bytes / self._bw) + kernels * self._ko
+
+    def mem_time_s(self, w: Work, kernels: int = 1) -> float:
+        """An element-wise (memory-bound) operation."""
+        if w.bytes == 0.0:
+            return 0.0
+        return w.bytes / self._elem_bw + kernels * self._elem_ko
+
+    def attention_time_s(self, w: Work, num_seqs: int = 1, q_tokens: int | None = None, fixed: bool = True) -> float:
+        """One attention call over ``num_seqs`` sequences; ``q_tokens``: the prefill chunk, whose FLOPs
+        are padded to a whole query tile; ``fixed``: charge the call's two kernels (False when another
+        part of the same step's attention call already did)."""
+        if w.flops == 0.0 and w.bytes == 0.0:
+            return 0.0
+        f = w.flops
+        if q_tokens and (self._qtile or self._ctas):
+            rows = self._heads * max(q_tokens, self._qtile)
+            f *= max(rows, self._ctas * self._qtile) / (self._heads * q_tokens)
+        t = max(f / self._attn_rate, w.bytes / self._attn_bw) + num_seqs * self._seq_ko
+        return t + self._attn_ko if fixed else t
+
+    def collective_time_s(self, nbytes: float, group: int) -> float:
+        """One ring all-reduce of ``nbytes`` over ``group`` GPUs."""
+        if group <= 1:
+            return 0.0
+        return self.params.allreduce_latency_s + 2.0 * (group - 1) / group * nbytes / self._link
 
     # -- per-layer linear work over T tokens ----------------------------------------------------
     def linear_works(self, T: int) -> dict[str, Work]:
@@ -109,13 +245,12 @@ class RooflineCost(CostModel):
         works = {
             "qkv": Work(2.0 * T * h * (q + 2 * k) / p, b * (h * (q + 2 * k) / p + T * h + T * (q + 2 * k) / p)),
             "o": Work(2.0 * T * q * h / p, b * (q * h / p + T * q / p + T * h)),
-            "other": Work(0.0, 10.0 * T * h * b),
+            "other": Work(0.0, T * (8.0 * h + 2.0 * (q + 2 * k)) * b),
         }
         if m.is_moe:
-            E, topk, ie = m.num_experts, m.num_experts_per_tok, m.moe_intermediate_size
-            touched = E * (1.0 - (1.0 - topk / E) ** T)
-            experts_here = touched / self.ep
-            flops = 6.0 * T * topk * h * ie / (p * self.ep) + 2.0 * T * h * E
+            E, topk, ie, ep = m.num_experts, m.num_experts_per_tok, m.moe_intermediate_size, self.ep
+            experts_here = (E / ep) * (1.0 - (1.0 - topk / E) ** (T * ep))
+            flops = 6.0 * T * topk * h * ie / p + 2.0 * T * h * E
             shared = m.num_shared_experts * 3 * h * ie
             works["mlp"] = Work(flops + 6.0 * T * h * m.num_shared_experts * ie / p,
                                 b * (experts_here * 3 * h * ie / p + shared / p + h * E + 2 * T * h + 3 * T * topk * ie / p))
@@ -124,24 +259,64 @@ class RooflineCost(CostModel):
             works["mlp"] = Work(6.0 * T * h * i / p, b * (3 * h * i / p + T * h + 3 * T * i / p))
         return works
 
+    def linear_time_s(self, op: str, T: int, works: dict | None = None) -> float:
+        """Time of one per-layer linear operation (``qkv``, ``o``, ``mlp`` or ``other``) over T tokens."""
+        w = (works or self.linear_works(T))[op]
+        if op == "other":
+            return self.mem_time_s(w, KERNELS["other"])
+        kernels = KERNELS["moe"] if (op == "mlp" and self.model.is_moe) else KERNELS[op]
+        return self.gemm_time_s(w, T, kernels)
+
     def allreduce_time_s(self, T: int) -> float:
+        """Tensor-parallel all-reduces of one layer (two: after attention and after the MLP)."""
         if self.tp == 1:
             return 0.0
-        nbytes = T * self.model.hidden_size * self.model.dtype_bytes
-        ring = 2.0 * (self.tp - 1) / self.tp * nbytes / self.hw.interconnect_bw_bytes_per_s
-        return 2.0 * (ring + self.params.allreduce_latency_s)
+        return 2.0 * self.collective_time_s(T * self.model.hidden_size * self.model.dtype_bytes, self.tp)
+
+    def alltoall_time_s(self, T: int) -> float:
+        """Expert-parallel token exchange of one MoE layer: all-gather in, reduce-scatter out."""
+        if self.ep <= 1 or not self.model.is_moe or T == 0:
+            return 0.0
+        per_rank = T * self.model.hidden_size * self.model.dtype_bytes
+        return 2.0 * (self.params.allreduce_latency_s + (self.ep - 1) * per_rank / self._link)
+
+    def lm_head_work(self, rows: int) -> Work:
+        m, b = self.model, self.model.dtype_bytes
+        return Work(2.0 * rows * m.hidden_size * m.vocab_size / self.tp,
+                    b * (m.hidden_size * m.vocab_size / self.tp + rows * m.hidden_size))
 
     def lm_head_time_s(self, rows: int) -> float:
         if rows == 0:
             return 0.0
+        return self.gemm_time_s(self.lm_head_work(rows), rows, KERNELS["lm_head"])
+
+    def step_op_work(self, op: str, n: int) -> Work:
         m, b = self.model, self.model.dtype_bytes
-        return self._t(Work(2.0 * rows * m.hidden_size * m.vocab_size / self.tp,
-                            b * (m.hidden_size * m.vocab_size / self.tp + rows * m.hidden_size)))
+        if op == "embedding":
+            return Work(0.0, 2.0 * n * m.hidden_size * b)
+        if op == "final_norm":
+            return Work(0.0, 4.0 * n * m.hidden_size * b)
+        if op == "sampler":
+            return Work(0.0, 8.0 * n * m.vocab_size)
+        raise KeyError(op)
+
+    def step_op_time_s(self, op: str, n: int) -> float:
+        """Once-per-step kernels: ``embedding`` and ``final_norm`` over n tokens, ``sampler`` over n rows."""
+        if n == 0:
+            return 0.0
+        return self.mem_time_s(self.step_op_work(op, n), KERNELS[op])
+
+    def per_layer_overhead_s(self) -> float:
+        return self.params.layer_overhead_s
 
     def dense_time_s(self, T: int, logit_rows: int) -> float:
         """Everything of a step that depends only on token counts (not on attention)."""
-        per_layer = sum(self._t(w) for w in self.linear_works(T).values()) + self.allreduce_time_s(T)
-        return self.model.num_layers * per_layer + self.lm_head_time_s(logit_rows) + self.params.step_overhead_s
+        works = self.linear_works(T)
+        per_layer = (sum(self.linear_time_s(op, T, works) for op in works) + self.allreduce_time_s(T)
+                     + self.alltoall_time_s(T) + self.params.layer_overhead_s)
+        return (self.model.num_layers * per_layer + self.lm_head_time_s(logit_rows)
+                + self.step_op_time_s("embedding", T) + self.step_op_time_s("final_norm", T)
+                + self.step_op_time_s("sampler", logit_rows) + self.params.step_overhead_s)
 
     # -- attention ---------------------------------------------------------------------------------
     def decode_attention_time_s(self, num_seqs: int, kept: int) -> float:
@@ -153,8 +328,9 @@ class RooflineCost(CostModel):
         if coef is False:
             return self._decode_attention_direct(num_seqs, kept)
         fa0, fa1, ba0, ba1, fe0, fe1, be0, be1 = coef
-        ko = self.params.kernel_overhead_s
-        t = max((fa0 + fa1 * kept) / self._attn_rate, (ba0 + ba1 * kept) / self._bw) + ko
+        ko = self._ko
+        t = (max((fa0 + fa1 * kept) / self._attn_rate, (ba0 + ba1 * kept) / self._attn_bw)
+             + self._attn_ko + num_seqs * self._seq_ko)
         fe, be = fe0 + fe1 * kept, be0 + be1 * kept
         if fe or be:
             t += max(fe / self._flops_rate, be / self._bw) + ko
@@ -162,7 +338,7 @@ class RooflineCost(CostModel):
 
     def _decode_attention_direct(self, num_seqs: int, kept: int) -> float:
         m, tp = self.model, self.tp
-        t = self._t(self.method.decode_attention_work(m, tp, num_seqs, kept), attn=True)
+        t = self.attention_time_s(self.method.decode_attention_work(m, tp, num_seqs, kept), num_seqs)
         t += self._t(self.method.decode_extra_work(m, tp, num_seqs, kept))
         return m.num_layers * t
 
@@ -183,12 +359,35 @@ class RooflineCost(CostModel):
                 return False
         return coef
 
-    def prefill_attention_time_s(self, chunks) -> float:
+    def mixed_decode_attention_time_s(self, num_seqs: int, kept: int) -> float:
+        """Decode sequences' attention in a step that also prefills. vLLM runs such a step's attention
+        as one variable-length prefill call, where a decode is a one-query row: it does not get the
+        decode kernel's split-KV and grouped-query packing, and costs a whole query tile per query
+        head (the prefill kernel's tile padding, ``attn_q_tile`` / ``attn_ctas``). The call's fixed
+        time is charged with the prefill part (``prefill_attention_time_s``)."""
+        if num_seqs == 0:
+            return 0.0
+        m, tp, meth = self.model, self.tp, self.method
+        w = meth.decode_attention_work(m, tp, num_seqs, kept)
+        f = w.flops
+        if self._qtile or self._ctas:
+            rows = self._heads * num_seqs * max(1.0, self._qtile)
+            f *= max(rows, self._ctas * self._qtile) / (self._heads * num_seqs)
+        t = max(f / self._attn_rate, w.bytes / self._attn_bw) + num_seqs * self._seq_ko
+        t += self._t(meth.decode_extra_work(m, tp, num_seqs, kept))
+        return m.num_layers * t
+
+    def prefill_attention_time_s(self, chunks, with_decodes: bool = False) -> float:
+        """Prefill chunks' attention; vLLM runs a step's attention as one call, so the call's fixed
+        time is charged once, with the first chunk (``with_decodes`` is accepted for compatibility:
+        the decode part of a mixed step, ``mixed_decode_attention_time_s``, charges none)."""
         m, tp, meth = self.model, self.tp, self.method
         t = 0.0
+        fixed = True
         for q, kv, last in chunks:
-            t += self._t(meth.prefill_attention_work(m, tp, q, kv), attn=True)
+            t += self.attention_time_s(meth.prefill_attention_work(m, tp, q, kv), 1, q, fixed)
             t += self._t(meth.prefill_extra_work(m, tp, q, kv, last))
+            fixed = False
         return m.num_layers * t
 
     # -- the interface -----------------------------------------------------------------------------
@@ -196,7 +395,7 @@ class RooflineCost(CostModel):
         if not shape.prefill_chunks:
             return self.decode_step_time_s(shape.num_decode_seqs, shape.decode_kept_tokens)
         dense = self.dense_time_s(shape.num_tokens, shape.num_logit_tokens)
-        return (dense + self.decode_attention_time_s(shape.num_decode_seqs, shape.decode_kept_tokens)
+        return (dense + self.mixed_decode_attention_time_s(shape.num_decode_seqs, shape.decode_kept_tokens)
                 + self.prefill_attention_time_s(shape.prefill_chunks))
 
     def decode_step_time_s(self, num_seqs: int, kept_tokens_sum: int) -> float:
@@ -228,20 +427,28 @@ class RooflineCost(CostModel):
         if coef is False:
             return False
         fa0, fa1, ba0, ba1, fe0, fe1, be0, be1 = coef
-        L, ko = self.model.num_layers, self.params.kernel_overhead_s
+        L, ko = self.model.num_layers, self._ko
         extra = None
         if fe0 or fe1 or be0 or be1:
             extra = (L * fe0 / self._flops_rate, L * fe1 / self._flops_rate, L * be0 / self._bw, L * be1 / self._bw, L * ko)
-        return (self._dense(B) + L * ko, L * fa0 / self._attn_rate, L * fa1 / self._attn_rate,
-                L * ba0 / self._bw, L * ba1 / self._bw, extra)
+        return (self._dense(B) + L * (self._attn_ko + B * self._seq_ko), L * fa0 / self._attn_rate, L * fa1 / self._attn_rate,
+                L * ba0 / self._attn_bw, L * ba1 / self._attn_bw, extra)
 
     def breakdown(self, shape: StepShape) -> dict[str, float]:
-        L = self.model.num_layers
-        out = {k: L * self._t(w) for k, w in self.linear_works(shape.num_tokens).items()}
-        out["allreduce"] = L * self.allreduce_time_s(shape.num_tokens)
+        L, T = self.model.num_layers, shape.num_tokens
+        works = self.linear_works(T)
+        out = {k: L * self.linear_time_s(k, T, works) for k in works}
+        out["allreduce"] = L * self.allreduce_time_s(T)
+        out["alltoall"] = L * self.alltoall_time_s(T)
         out["lm_head"] = self.lm_head_time_s(shape.num_logit_tokens)
-        out["attn_decode"] = self.decode_attention_time_s(shape.num_decode_seqs, shape.decode_kept_tokens)
+        out["embedding"] = self.step_op_time_s("embedding", T)
+        out["final_norm"] = self.step_op_time_s("final_norm", T)
+        out["sampler"] = self.step_op_time_s("sampler", shape.num_logit_tokens)
+        out["attn_decode"] = (self.mixed_decode_attention_time_s(shape.num_decode_seqs, shape.decode_kept_tokens)
+                              if shape.prefill_chunks else
+                              self.decode_attention_time_s(shape.num_decode_seqs, shape.decode_kept_tokens))
         out["attn_prefill"] = self.prefill_attention_time_s(shape.prefill_chunks)
+        out["layer_overhead"] = L * self.params.layer_overhead_s
         out["step_overhead"] = self.params.step_overhead_s
         out["total"] = self.step_time_s(shape)
         return out
@@ -252,4 +459,5 @@ def tokens_per_second_limit(cost: RooflineCost, batch: int, context: int) -> flo
     return batch / cost.decode_step_time_s(batch, batch * context)
 
 
-__all__ = ["RooflineCost", "RooflineParams", "calibrated_params", "tokens_per_second_limit"]
+__all__ = ["RooflineCost", "RooflineParams", "calibrated_params", "withheld_params", "params_from_entry",
+           "tokens_per_second_limit", "KERNELS"]

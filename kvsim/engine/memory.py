@@ -6,8 +6,9 @@ vLLM measures the reserve with a dummy forward pass of ``max_num_batched_tokens`
 estimates it as a fixed 1 GiB (CUDA graphs, NCCL and allocator slack, non-torch memory) plus the
 activations of that pass: the widest per-token tensors (the gated MLP's 2 x intermediate / tp, plus
 hidden and QKV) in the model dtype for every batched token, and fp32 logits for ``max_num_seqs`` rows.
-With the RTX 4090 validation run (Llama-3.1-8B, 2048 batched tokens, 256 seqs) this gives 2,611
-blocks against the 2,588 vLLM recorded (0.9 % more); ``--num-gpu-blocks-override`` pins the count.
+With the RTX 4090 validation run (Llama-3.1-8B, 2048 batched tokens, 256 seqs) this gives 2,578
+blocks against the 2,588 vLLM recorded (0.4 % fewer); ``--num-gpu-blocks-override`` pins the count
+(``kvsim validate`` does, from a case's recorded ``num_gpu_blocks``).
 """
 
 from __future__ import annotations
