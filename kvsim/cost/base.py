@@ -43,6 +43,12 @@ class CostModel(ABC):
         path. Must return exactly ``step_time_s(StepShape(num_seqs, kept_tokens_sum))``."""
         return self.step_time_s(StepShape(num_seqs, kept_tokens_sum))
 
+    def moe_time_s(self, num_tokens: int) -> float:
+        """Time of a step's MoE blocks (all layers, expert exchange included) over ``num_tokens``
+        tokens; 0 for a dense model. Expert-parallel ranks that step together each pay this for the
+        largest token count among them (kvsim.engine.sim, lockstep groups)."""
+        return 0.0
+
     def breakdown(self, shape: StepShape) -> dict[str, float]:
         """Seconds per operation group for one step (for reports); optional."""
         return {"total": self.step_time_s(shape)}

@@ -175,6 +175,19 @@ class ProfiledCost(CostModel):
             t += roof.step_op_time_s(op, rows)
         return t + self.step_overhead_s
 
+    def moe_time_s(self, T: int) -> float:
+        if not self.model.is_moe or T == 0:
+            return 0.0
+        roof = self.roof
+        v = None
+        if self._moe_by_experts is not None:
+            v = self._moe_rank_time(T)
+        elif self._linear["mlp"] is not None:
+            v = self._linear["mlp"].lookup_at(T)
+        if v is None:
+            v = roof.linear_time_s("mlp", T)
+        return self.model.num_layers * (v + roof.alltoall_time_s(T))
+
     def _moe_rank_time(self, T: int):
         """One expert-parallel rank's MoE block: T x top_k token-expert pairs (its share of the group's
         when every rank carries T tokens) over the local experts the group's ep x T tokens touch,

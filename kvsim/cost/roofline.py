@@ -280,6 +280,11 @@ class RooflineCost(CostModel):
         per_rank = T * self.model.hidden_size * self.model.dtype_bytes
         return 2.0 * (self.params.allreduce_latency_s + (self.ep - 1) * per_rank / self._link)
 
+    def moe_time_s(self, T: int) -> float:
+        if not self.model.is_moe or T == 0:
+            return 0.0
+        return self.model.num_layers * (self.linear_time_s("mlp", T) + self.alltoall_time_s(T))
+
     def lm_head_work(self, rows: int) -> Work:
         m, b = self.model, self.model.dtype_bytes
         return Work(2.0 * rows * m.hidden_size * m.vocab_size / self.tp,

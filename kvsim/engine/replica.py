@@ -12,6 +12,8 @@ from __future__ import annotations
 from bisect import bisect_right
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from kvsim.cost.base import CostModel, StepShape
 from kvsim.engine.kv_cache_manager import KVCacheManager
 from kvsim.engine.scheduler import Scheduler, StepPlan
@@ -74,6 +76,8 @@ class Replica:
         """
         sched = self.scheduler
         plan = sched.schedule()
+        if sched.dropped:
+            self._reject_dropped()
         if not plan.scheduled:
             return None
         if (self.fast_forward and plan.pure_decode and not plan.preempted
@@ -83,7 +87,7 @@ class Replica:
         shape = StepShape()
         meth = self.method
         for seq, n in plan.scheduled:
-            if n == 1 and seq.generated > 0:
+            if n == 1 and seq.num_computed >= seq.prefill_base:
                 shape.num_decode_seqs += 1
                 shape.decode_kept_tokens += meth.kept_tokens(seq.prefill_base, seq.num_computed + 1)
             else:
@@ -92,6 +96,13 @@ class Replica:
         dt = self.cost.step_time_s(shape)
         self.pending = PendingStep(now, now + dt, plan)
         return self.pending
+
+    def _reject_dropped(self) -> None:
+        """Preempted sequences the scheduler can never run again leave as rejected requests."""
+        for s, reason in self.scheduler.dropped:
+            self.outstanding_tokens -= s.prompt_tokens + s.output_tokens
+            self.rec.reject(s.req.request_id, s.arrival_s, s.prompt_tokens, s.req.output_tokens, reason, self.id)
+        self.scheduler.dropped.clear()
 
     def _plan_stretch(self, now: float, plan: StepPlan, horizon_s: float) -> PendingStep:
         seqs = [s for s, _ in plan.scheduled]
@@ -191,8 +202,11 @@ class Replica:
             t1 = p.start_s + p.ff_durations[0]
             rec.itl.add_many([t1 - s.last_token_s for s in seqs])
             if k > 1:
-                # the same durations in the same order as stepping; a batch of B gets B samples each
-                rec.itl.add_many(p.ff_durations[1:], len(seqs))
+                # what stepping records: differences of consecutive end times (t_j = t_(j-1) + dt_j, summed in
+                # order as the stretch planned them), which may differ from dt_j in the last bit; a batch
+                # of B gets B samples each
+                ends = np.add.accumulate(np.array([t1] + p.ff_durations[1:]))
+                rec.itl.add_many(np.diff(ends).tolist(), len(seqs))
             paged, grow, blocks_for = kv.paged, kv.pool.grow, kv.blocks_for
             for s in seqs:
                 s.num_computed += k

@@ -8,7 +8,9 @@ preempted (recompute: it loses its KV and goes back to the front of the waiting 
 until the allocation fits or the request itself was the one preempted; then, if nothing was preempted
 this step, waiting requests in FCFS order while budget, ``max_num_seqs`` and blocks allow, the last one
 possibly with a partial chunk (chunked prefill). Without chunked prefill a prompt that does not fit in
-the remaining budget waits for a later step.
+the remaining budget waits for a later step. A preempted request that can never be scheduled again (its
+prompt + generated tokens exceed what one step may prefill, or what the whole pool holds) is dropped as
+vLLM V0 ignores it, and the replica records it as rejected.
 
 ``PrefillFirstScheduler`` mirrors vLLM V0 without chunked prefill: a step either prefills whole
 prompts of waiting requests (up to the budget) or decodes every running request, never both.
@@ -16,11 +18,12 @@ prompts of waiting requests (up to the budget) or decodes every running request,
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass, field
 
 from kvsim.engine.kv_cache_manager import KVCacheManager
-from kvsim.engine.sequence import RUNNING, WAITING, Sequence
+from kvsim.engine.sequence import FINISHED, RUNNING, WAITING, Sequence
 
 
 @dataclass(slots=True)
@@ -28,7 +31,7 @@ class StepPlan:
     #: (sequence, new tokens this step), in scheduling order
     scheduled: list = field(default_factory=list)
     preempted: list = field(default_factory=list)
-    #: every scheduled sequence is a decode (one token, catching up)
+    #: every scheduled sequence is a decode (one token past its prefill_base)
     pure_decode: bool = True
     #: budget left after scheduling
     budget_left: int = 0
@@ -44,6 +47,14 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        #: (sequence, reason): preempted sequences that can never run again (see _preempt); the replica
+        #: rejects them
+        self.dropped: list[tuple[Sequence, str]] = []
+
+    @property
+    def max_prefill_tokens(self) -> float:
+        """Most tokens one sequence can prefill in one step."""
+        return math.inf if self.enable_chunked_prefill else self.max_num_batched_tokens
 
     def add(self, seq: Sequence) -> None:
         seq.status = WAITING
@@ -54,9 +65,21 @@ class Scheduler:
         seq.num_computed = 0
         seq.prefill_base = seq.num_tokens
         seq.num_preemptions += 1
-        seq.status = WAITING
         self.num_preemptions += 1
-        self.waiting.appendleft(seq)
+        # a request that can never be scheduled again would wait at the head of the queue forever; vLLM V0
+        # ignores (drops) such a request, and so does kvsim, with the reason it would get at arrival:
+        # without chunked prefill, prompt + generated no longer fits one step; or the recompute prefill
+        # needs more blocks than the pool has (a method that keeps fewer tokens than the context in decode)
+        if seq.num_tokens > self.max_prefill_tokens:
+            reason = "prompt_exceeds_max_num_batched_tokens"
+        elif not self.kv.can_ever_fit(seq):
+            reason = "kv_capacity"
+        else:
+            seq.status = WAITING
+            self.waiting.appendleft(seq)
+            return
+        seq.status = FINISHED
+        self.dropped.append((seq, reason))
 
     def _admit(self, seq: Sequence, budget: int, plan: StepPlan) -> int:
         """Try to start ``seq`` with at most ``budget`` tokens; returns tokens scheduled (0 = could not)."""
@@ -72,7 +95,7 @@ class Scheduler:
             self._undo_start(seq)
             return 0
         plan.scheduled.append((seq, n))
-        if not (n == 1 and seq.generated > 0):
+        if not (n == 1 and seq.num_computed >= seq.prefill_base):
             plan.pure_decode = False
         return n
 
@@ -106,7 +129,9 @@ class Scheduler:
             if n == 0:
                 break
             plan.scheduled.append((seq, n))
-            if n != 1 or seq.generated == 0:
+            # a decode computes one token past the (re)prefilled prefill_base; the last chunk of a
+            # recompute may also be one token, but it ends a prefill (methods compress there)
+            if n != 1 or seq.num_computed < seq.prefill_base:
                 plan.pure_decode = False
             budget -= n
             i += 1
@@ -151,6 +176,10 @@ class Scheduler:
 
 
 class PrefillFirstScheduler(Scheduler):
+    @property
+    def max_prefill_tokens(self) -> float:
+        return self.max_num_batched_tokens
+
     def schedule(self) -> StepPlan:
         plan = StepPlan()
         budget = self.max_num_batched_tokens

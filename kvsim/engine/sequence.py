@@ -48,7 +48,8 @@ class Sequence:
 
     @property
     def in_decode(self) -> bool:
-        return self.generated > 0 and self.num_computed + 1 == self.num_tokens
+        # not the last one-token chunk of a recompute (num_computed < prefill_base): that ends a prefill
+        return self.num_computed >= self.prefill_base and self.num_computed + 1 == self.num_tokens
 
     def __repr__(self) -> str:
         return (f"Sequence({self.req.request_id!r}, computed={self.num_computed}/{self.num_tokens}, "

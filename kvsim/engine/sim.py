@@ -9,9 +9,10 @@ arrives sees that request when it plans the next step (as vLLM's engine loop wou
 from __future__ import annotations
 
 import math
+from heapq import heappush
 
 import simpy
-from simpy.events import URGENT
+from simpy.events import NORMAL, URGENT
 
 from kvsim.engine.output_length import LengthSampler
 from kvsim.engine.replica import Replica
@@ -20,22 +21,20 @@ from kvsim.metrics.collector import Recorder
 from kvsim.workload.request import InvalidRecord
 
 
-def _delay_to(now: float, t: float) -> float:
-    """A delay d with now + d == t exactly in floating point, so clocks never drift between runs."""
-    d = t - now
-    if d < 0:
-        return 0.0
-    while now + d < t:
-        d = math.nextafter(d, math.inf)
-    while d > 0 and now + d > t:
-        d = math.nextafter(d, -math.inf)
-    return d
+class _Environment(simpy.Environment):
+    """SimPy schedules at ``now + delay``, and no delay may land exactly on a given time ``t`` (when ``now``
+    has finer bits than ``t``, ``now + d`` can skip ``t``'s value for every d). Events here are placed at
+    their absolute time instead, so a step ends exactly at the time the replica computed, whether it was
+    stepped or fast-forwarded, and clocks never drift between runs."""
+
+    def schedule_at(self, event: simpy.Event, priority: int, t: float) -> None:
+        heappush(self._queue, (t if t > self._now else self._now, priority, next(self._eid), event))
 
 
 class Simulation:
     def __init__(self, replicas: list[Replica], router, recorder: Recorder, lengths: LengthSampler,
                  progress=None, check_invariants: bool = False):
-        self.env = simpy.Environment()
+        self.env = _Environment()
         self.replicas = replicas
         self.router = router
         self.rec = recorder
@@ -53,7 +52,7 @@ class Simulation:
         ev = self.env.event()
         ev._ok = True
         ev._value = None
-        self.env.schedule(ev, priority, _delay_to(self.env.now, t))
+        self.env.schedule_at(ev, priority, t)
         return ev
 
     def _arrivals(self, source):
@@ -118,7 +117,7 @@ class Simulation:
             self.num_events += 1
             while True:
                 try:
-                    yield env.timeout(_delay_to(env.now, r.pending.end_s))
+                    yield self._at(r.pending.end_s, NORMAL)
                     break
                 except simpy.Interrupt:
                     # a request was routed here mid-stretch; the stretch was cut at the first step
