@@ -65,10 +65,10 @@ def make_spec(model="llama-3.1-8b", hardware="h100", method=None, config: Engine
               profile=None, slo: SLO | None = None, auto_profile: bool = True) -> RunSpec:
     mspec = model if isinstance(model, ModelSpec) else load_model(model)
     hw = hardware if isinstance(hardware, HardwareSpec) else load_hardware(hardware)
-    cfg = (config or EngineConfig()).validate()
+    cfg = config or EngineConfig()
     if cfg.max_model_len is None:
         cfg = dataclasses.replace(cfg, max_model_len=mspec.max_position_embeddings)
-    cfg = cfg.resolved(hw.memory_bytes)
+    cfg = cfg.validate().resolved(hw.memory_bytes)
     meth = resolve_method(method, cfg)
     prof = None
     if profile is not None:

@@ -55,7 +55,11 @@ class EngineConfig:
         big = hardware_memory_bytes >= 70 * GIB
         mnbt = self.max_num_batched_tokens
         if mnbt is None:
-            mnbt = (8192 if big else 2048) if self.enable_chunked_prefill else None
+            if self.enable_chunked_prefill and self.scheduler == "chunked":
+                mnbt = 8192 if big else 2048
+            else:
+                # without chunking a whole prompt must fit one step (vLLM: max(max_model_len, 2048))
+                mnbt = max(self.max_model_len or 2048, 2048)
         mns = self.max_num_seqs if self.max_num_seqs is not None else (1024 if big else 256)
         return dataclasses.replace(self, max_num_batched_tokens=mnbt, max_num_seqs=mns)
 

@@ -120,8 +120,8 @@ def test_same_seed_gives_byte_identical_outputs(tmp_path):
     outs = []
     for k in range(2):
         out = tmp_path / f"out{k}"
-        # h2o has a sampled output-length ratio: the seed decides every request's length
-        rc = main(["replay", str(trace), "--out", str(out), "--quiet", "--method", "h2o", "--seed", "7",
+        # gear has a sampled output-length ratio (published default): the seed decides every length
+        rc = main(["replay", str(trace), "--out", str(out), "--quiet", "--method", "gear", "--seed", "7",
                    "--num-gpu-blocks-override", "300", "--num-replicas", "2", "--no-profile"])
         assert rc == 0
         outs.append(out)
@@ -137,7 +137,7 @@ def test_same_seed_gives_byte_identical_outputs(tmp_path):
 
 def test_different_seed_changes_sampled_lengths():
     reqs = [make_request(i, arrival=0.01 * i, prompt=32, output=40) for i in range(30)]
-    res = [api.replay(list(reqs), model=TINY, method="h2o", config=small_config(num_gpu_blocks_override=400, seed=s))
+    res = [api.replay(list(reqs), model=TINY, method="gear", config=small_config(num_gpu_blocks_override=400, seed=s))
            for s in (1, 2)]
     assert [r["output_tokens"] for r in res[0].rows] != [r["output_tokens"] for r in res[1].rows]
 
