@@ -112,14 +112,27 @@ def build_replicas(spec: RunSpec, recorder: Recorder, fast_forward: bool = True)
             "gpu_memory_utilization")
     replicas = []
     n = cfg.num_replicas * cfg.data_parallel_size
+    # MoE with expert parallelism across DP ranks: each replica's ranks step together (sim.py lockstep
+    # groups), one step at a time; dense models with DP stay independent replicas behind the router
+    lockstep = lockstep_dp(spec)
     for i in range(n):
         pool = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         kv = KVCacheManager(pool, spec.method, spec.model, cfg.tensor_parallel_size)
         cls = PrefillFirstScheduler if cfg.scheduler == "prefill-first" else Scheduler
         sched = cls(kv, cfg.max_num_seqs, cfg.max_num_batched_tokens or cfg.max_model_len, cfg.enable_chunked_prefill)
-        replicas.append(Replica(i, sched, kv, make_cost(spec), recorder, cfg.max_model_len, fast_forward,
-                                reject_over_budget_prompts=(cfg.scheduler == "prefill-first" or not cfg.enable_chunked_prefill)))
+        r = Replica(i, sched, kv, make_cost(spec), recorder, cfg.max_model_len, fast_forward and not lockstep,
+                    reject_over_budget_prompts=(cfg.scheduler == "prefill-first" or not cfg.enable_chunked_prefill))
+        if lockstep:
+            r.lockstep_group = i // cfg.data_parallel_size
+        replicas.append(r)
     return replicas
+
+
+def lockstep_dp(spec: RunSpec) -> bool:
+    """Whether a replica's data-parallel ranks step together (vLLM: every MoE layer of an expert-parallel
+    DP group is a collective, idle ranks run dummy batches)."""
+    cfg = spec.config
+    return bool(spec.model.is_moe and cfg.enable_expert_parallel and cfg.data_parallel_size > 1)
 
 
 @dataclass

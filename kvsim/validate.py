@@ -319,6 +319,10 @@ def _wrap_begin(replica, log: StepLog):
 
     def commit():
         p = replica.pending
+        if p is not None and not p.ff_steps and log.planned:
+            # a lockstep group's step lasts the group's time, not the rank's own (kvsim.engine.sim)
+            rid, start, _, nd, kv, chunks = log.planned[0]
+            log.planned[0] = (rid, start, p.end_s - p.start_s, nd, kv, chunks)
         log.committed(p.ff_steps if p is not None and p.ff_steps else 1)
         return orig_commit()
 

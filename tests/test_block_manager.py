@@ -76,8 +76,8 @@ def test_register_match_acquire_and_cached_free_blocks():
     assert bm.match_prefix(keys("p", 3), 1) == 1                     # capped by max_blocks
     assert bm.match_prefix(keys("q", 3), 3) == 0
     bm.free(a)
-    # freed hashed blocks stay cached and count as free
-    assert bm.num_free == 10 and len(bm._cached_free) == 2
+    # freed hashed blocks stay cached and count as free; last block first (evicted first), as vLLM
+    assert bm.num_free == 10 and list(bm._cached_free) == [("p", 1), ("p", 0)]
     assert bm.match_prefix(keys("p", 3), 3) == 2
     b = seq(1)
     bm.acquire_prefix(b, keys("p", 3), 2)
@@ -130,6 +130,21 @@ def test_eviction_is_least_recently_freed_first_and_only_when_plain_blocks_run_o
     assert bm.match_prefix(keys("a", 1), 1) == 0
     assert bm.num_free == 0 and not bm._refs
     assert not bm.grow(c, 5)
+    bm.check([c])
+
+
+def test_a_freed_chain_is_evicted_from_its_tail_so_its_head_stays_matchable():
+    bm = BlockManager(4, 4, enable_prefix_caching=True)
+    a = seq(0)
+    bm.grow(a, 3)
+    bm.register_full_blocks(a, keys("p", 3), 12)
+    bm.free(a)
+    assert list(bm._cached_free) == [("p", 2), ("p", 1), ("p", 0)]
+    c = seq(1)
+    assert bm.grow(c, 2)                                             # plain block + evicts ("p", 2)
+    assert bm.match_prefix(keys("p", 3), 3) == 2
+    assert bm.grow(c, 3)                                             # evicts ("p", 1)
+    assert bm.match_prefix(keys("p", 3), 3) == 1
     bm.check([c])
 
 
@@ -214,3 +229,40 @@ def test_random_operations_keep_invariants(ops, num_blocks, prefix):
     bm.check([])
     assert bm.num_free == bm.num_blocks and bm.num_used == 0
     assert not any(bm._refs.values())
+
+
+# -- KV cache manager: generated blocks are hashed, a preempted request hits its own blocks --------------
+def test_preempted_request_recomputes_from_its_own_cached_prompt_and_generated_blocks():
+    from conftest import make_engine
+
+    e = make_engine(num_blocks=8, block_size=4, prefix_caching=True)
+    kv = e.kv
+    s = Sequence(make_request("A", prompt=10, output=8, prefix_hashes=[11, 12, 13], hash_block_tokens=4), 0, 8)
+    assert kv.start(s) == 0
+    assert s.hash_keys == [11, 12]                      # the partial third prompt block is never matched
+    assert kv.allocate_slots(s, 10)
+    s.num_computed = 10
+    kv.after_compute(s)
+    assert s.shared_hashes == [11, 12]
+    s.generated = 1
+    for _ in range(4):                                  # decode 4 tokens: 14 computed, 3 full blocks
+        assert kv.allocate_slots(s, 1)
+        s.num_computed += 1
+        kv.after_compute(s)
+        s.generated += 1
+    assert s.num_computed == 14 and s.blocks == 4
+    assert s.shared_hashes == [11, 12, ("gen", "A", 2)]
+    e.pool.check([s])
+    # preemption by recompute: everything is freed, hashed blocks stay cached, last block first
+    kv.free(s)
+    s.num_computed, s.prefill_base, s.num_preemptions = 0, s.num_tokens, 1
+    assert list(e.pool._cached_free) == [("gen", "A", 2), 12, 11]
+    assert e.pool.num_free == 8
+    # re-admission: prompt + generated = 15 tokens; (15 - 1) // 4 = 3 blocks may hit, all 3 are cached
+    assert kv.start(s) == 12
+    assert s.num_computed == 12 and s.blocks == 3 and s.prefix_hit_tokens == 0
+    e.pool.check([s])
+    # another request with the same prompt hashes hits the prompt blocks only, never A's generated one
+    t = Sequence(make_request("B", prompt=16, output=2, prefix_hashes=[11, 12, 99, 98], hash_block_tokens=4), 1, 2)
+    assert kv.start(t) == 8 and t.shared_hashes == [11, 12]
+    e.pool.check([s, t])

@@ -2,7 +2,8 @@
 
 Mirrors vLLM V1's ``BlockPool`` / ``KVCacheManager``: a fixed pool of equal blocks; with prefix caching,
 full blocks are known by the chained hash of their tokens, freed hashed blocks stay cached (and count
-as free) until evicted in least-recently-freed order. Individual block ids are not tracked, only counts
+as free) until evicted in least-recently-freed order (a freed sequence's blocks enter that order last
+block first). Individual block ids are not tracked, only counts
 and hashes, which is all the scheduler and the metrics need.
 
 Invariants (tests/test_block_manager.py): ``0 <= num_free <= num_blocks``; the sum of blocks held by
@@ -68,10 +69,12 @@ class BlockManager:
             seq.blocks -= n
 
     def free(self, seq: Sequence) -> None:
-        """Release everything ``seq`` holds (finish or preemption)."""
+        """Release everything ``seq`` holds (finish or preemption). Its hashed blocks join the cached-free
+        queue last block first, as vLLM's ``free_blocks(reversed(blocks))``: the head of the chain, the part
+        other requests (and the request itself after a preemption) can match, is evicted last."""
         private = seq.blocks - len(seq.shared_hashes)
         self._free_plain += private
-        for h in seq.shared_hashes:
+        for h in reversed(seq.shared_hashes):
             r = self._refs[h] - 1
             self._refs[h] = r
             if r == 0:
@@ -102,7 +105,9 @@ class BlockManager:
         seq.blocks = n
 
     def register_full_blocks(self, seq: Sequence, hash_keys, computed_tokens: int) -> None:
-        """Name the sequence's newly computed full prompt blocks by their hash, so later requests can hit."""
+        """Name the sequence's newly computed full blocks by their hash (``hash_keys[i]`` names block i:
+        prompt blocks, then the request's own keys for blocks holding generated tokens), so later requests,
+        or this one after a preemption, can hit."""
         full = min(computed_tokens // self.block_size, len(hash_keys))
         held = len(seq.shared_hashes)
         for i in range(held, full):

@@ -32,6 +32,8 @@ class KVCacheManager:
         self.prefix_sharing = pool.enable_prefix_caching and method.shares_prefix
         # the full cache keeps every token: skip the method call on the hot path
         self._keeps_all = type(method).kept_tokens is Method.kept_tokens
+        #: blocks of generated tokens are hashed too (block i holds tokens i*bs..: only when every token is kept)
+        self.hash_generated = self.prefix_sharing and self._keeps_all
 
     def blocks_for(self, seq: Sequence, computed_tokens: int) -> int:
         kept = computed_tokens if self._keeps_all else self.method.kept_tokens(seq.prefill_base, computed_tokens)
@@ -71,17 +73,46 @@ class KVCacheManager:
             target = self.blocks_for(seq, seq.num_computed)
             if target < seq.blocks:
                 self.pool.shrink(seq, target)
-        if self.prefix_sharing and seq.hash_keys and seq.generated == 0:
-            self.pool.register_full_blocks(seq, seq.hash_keys, seq.num_computed)
+        if self.prefix_sharing and seq.hash_keys is not None:
+            self.register_computed(seq)
+
+    def register_computed(self, seq: Sequence) -> None:
+        """Hash the sequence's full computed blocks: prompt blocks by the trace's prefix hashes, blocks
+        holding generated tokens by keys unique to the request (``("gen", request_id, block_index)``,
+        chained after the prompt's), as vLLM V1 hashes every full block. A preempted request that
+        recomputes prompt + generated tokens then hits its own blocks while they are still cached."""
+        full = seq.num_computed // self.bs
+        if full <= len(seq.shared_hashes):
+            return
+        keys = seq.hash_keys
+        if self.hash_generated:
+            self._extend_keys(seq, full)
+        elif not keys:
+            return
+        self.pool.register_full_blocks(seq, keys, seq.num_computed)
+
+    def _extend_keys(self, seq: Sequence, n: int) -> None:
+        keys = seq.hash_keys
+        if len(keys) < n:
+            rid = seq.req.request_id
+            keys.extend(("gen", rid, i) for i in range(len(keys), n))
 
     def start(self, seq: Sequence) -> int:
         """A sequence is (re)admitted: reuse cached prefix blocks. Returns the hit tokens."""
         if not self.prefix_sharing or seq.num_computed or not seq.req.prefix_hashes:
             return 0
         if seq.hash_keys is None:
-            seq.hash_keys = expand_hashes(seq.req.prefix_hashes, seq.req.hash_block_tokens, self.bs)
-        # vLLM always recomputes at least the last prompt token
-        n = self.pool.match_prefix(seq.hash_keys, (seq.prefill_base - 1) // self.bs)
+            keys = expand_hashes(seq.req.prefix_hashes, seq.req.hash_block_tokens, self.bs)
+            if self.hash_generated:
+                # a partial last prompt block is never matched; past the full prompt blocks a block
+                # holds generated tokens too and is named by the request's own keys
+                del keys[seq.prompt_tokens // self.bs:]
+            seq.hash_keys = keys
+        # vLLM always recomputes at least the last prompt token (after a preemption: of prompt + generated)
+        max_blocks = (seq.prefill_base - 1) // self.bs
+        if self.hash_generated:
+            self._extend_keys(seq, max_blocks)
+        n = self.pool.match_prefix(seq.hash_keys, max_blocks)
         if n:
             self.pool.acquire_prefix(seq, seq.hash_keys, n)
             seq.num_computed = n * self.bs

@@ -47,6 +47,8 @@ class Replica:
         #: prompt + output tokens of requests assigned here and not finished (the router's load)
         self.outstanding_tokens = 0
         self.num_ff_stretches = 0
+        #: id of the lockstep group this replica is a data-parallel rank of (kvsim.engine.sim); None: independent
+        self.lockstep_group = None
         self.pending: PendingStep | None = None
         self._timeline_last_s = -float("inf")
 
@@ -208,6 +210,8 @@ class Replica:
                 ends = np.add.accumulate(np.array([t1] + p.ff_durations[1:]))
                 rec.itl.add_many(np.diff(ends).tolist(), len(seqs))
             paged, grow, blocks_for = kv.paged, kv.pool.grow, kv.blocks_for
+            # generated blocks are hashed as stepping would have hashed them, step by step
+            register = kv.register_computed if kv.hash_generated else None
             for s in seqs:
                 s.num_computed += k
                 s.generated += k
@@ -216,6 +220,8 @@ class Replica:
                     target = blocks_for(s, s.num_computed)
                     if target > s.blocks and not grow(s, target):
                         raise AssertionError("fast-forward planned more blocks than were free")
+                if register is not None and s.hash_keys is not None:
+                    register(s)
                 if s.generated == s.output_tokens:
                     finished.append(s)
             rec.step(k, len(seqs))
