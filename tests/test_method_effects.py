@@ -115,3 +115,21 @@ def test_every_method_replays_and_conserves():
         s = res.summary
         assert s["completed"] + s["rejected"] == s["num_requests"] == 15, name
         assert s["total_output_tokens"] == sum(r["output_tokens"] for r in res.rows if r["status"] == "completed"), name
+
+
+def test_measured_lengths_skip_settings_that_never_compressed(monkeypatch):
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from kvsim.cost import profiled
+
+    prof = SimpleNamespace(name="fake", lengths={
+        "h2o:budget=256,window=32": {"ratios": [1.0, 1.0], "mean_rouge_l": 1.0},
+        "h2o:budget=64,window=16": {"ratios": [1.0, 1.4], "mean_rouge_l": 0.8},
+    })
+    monkeypatch.setattr(profiled, "_length_profiles", lambda: [(Path("fake.json"), prof)])
+    assert profiled.measured_lengths("h2o:budget=256,window=32") is None
+    used = profiled.measured_lengths("h2o:budget=64,window=16")
+    assert used.samples == (1.0, 1.4) and used.source.startswith("measured")
+    res = api.replay(trace(n=5), method="h2o:budget=64,window=16", auto_profile=False)
+    assert res.summary["output_length_source"].startswith("measured")
