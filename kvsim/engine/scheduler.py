@@ -136,18 +136,26 @@ class Scheduler:
             budget -= n
             i += 1
         if not plan.preempted:
-            waiting = self.waiting
-            while waiting and budget > 0 and len(running) < self.max_num_seqs:
-                seq = waiting[0]
-                n = self._admit(seq, budget, plan)
-                if n == 0:
-                    break
-                waiting.popleft()
-                seq.status = RUNNING
-                running.append(seq)
-                budget -= n
+            budget = self._admit_waiting(plan, budget, whole_prompts=False)
         plan.budget_left = budget
         return plan
+
+    def _admit_waiting(self, plan: StepPlan, budget: int, whole_prompts: bool) -> int:
+        """Admit waiting requests in FCFS order while budget, max_num_seqs and blocks allow; returns
+        the budget left. ``whole_prompts``: a request whose remaining prompt exceeds the budget waits."""
+        waiting, running = self.waiting, self.running
+        while waiting and budget > 0 and len(running) < self.max_num_seqs:
+            seq = waiting[0]
+            if whole_prompts and seq.num_tokens - seq.num_computed > budget:
+                break
+            n = self._admit(seq, budget, plan)
+            if n == 0:
+                break
+            waiting.popleft()
+            seq.status = RUNNING
+            running.append(seq)
+            budget -= n
+        return budget
 
     def admission_blocked(self) -> bool:
         """True when a waiting request cannot be admitted until a running one finishes or frees blocks.
@@ -182,19 +190,8 @@ class PrefillFirstScheduler(Scheduler):
 
     def schedule(self) -> StepPlan:
         plan = StepPlan()
-        budget = self.max_num_batched_tokens
-        waiting, running = self.waiting, self.running
-        while waiting and len(running) < self.max_num_seqs:
-            seq = waiting[0]
-            if seq.num_tokens - seq.num_computed > budget:
-                break
-            n = self._admit(seq, budget, plan)
-            if n == 0:
-                break
-            waiting.popleft()
-            seq.status = RUNNING
-            running.append(seq)
-            budget -= n
+        budget = self._admit_waiting(plan, self.max_num_batched_tokens, whole_prompts=True)
+        running = self.running
         if plan.scheduled:
             plan.pure_decode = False
             plan.budget_left = budget
