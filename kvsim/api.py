@@ -115,12 +115,14 @@ def build_replicas(spec: RunSpec, recorder: Recorder, fast_forward: bool = True)
     # MoE with expert parallelism across DP ranks: each replica's ranks step together (sim.py lockstep
     # groups), one step at a time; dense models with DP stay independent replicas behind the router
     lockstep = lockstep_dp(spec)
+    # cost models are pure (their caches are keyed by batch shape), so the replicas share one
+    cost = make_cost(spec)
     for i in range(n):
         pool = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         kv = KVCacheManager(pool, spec.method, spec.model, cfg.tensor_parallel_size)
         cls = PrefillFirstScheduler if cfg.scheduler == "prefill-first" else Scheduler
         sched = cls(kv, cfg.max_num_seqs, cfg.max_num_batched_tokens or cfg.max_model_len, cfg.enable_chunked_prefill)
-        r = Replica(i, sched, kv, make_cost(spec), recorder, cfg.max_model_len, fast_forward and not lockstep,
+        r = Replica(i, sched, kv, cost, recorder, cfg.max_model_len, fast_forward and not lockstep,
                     reject_over_budget_prompts=(cfg.scheduler == "prefill-first" or not cfg.enable_chunked_prefill))
         if lockstep:
             r.lockstep_group = i // cfg.data_parallel_size

@@ -156,14 +156,20 @@ def config_from_mapping(data: dict, source: str = "config", base: EngineConfig |
     return cfg, extra
 
 
-def load_config_file(path: str | Path, base: EngineConfig | None = None) -> tuple[EngineConfig, dict]:
+def read_yaml(path: str | Path, what: str = "config file"):
+    """A YAML file's content; a missing file or bad YAML is a ConfigError naming the file."""
     p = Path(path)
     try:
-        data = yaml.safe_load(p.read_text())
+        return yaml.safe_load(p.read_text())
     except FileNotFoundError:
-        raise ConfigError(f"config file {str(p)!r} does not exist") from None
+        raise ConfigError(f"{what} {str(p)!r} does not exist") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: not valid YAML: {e}") from None
+
+
+def load_config_file(path: str | Path, base: EngineConfig | None = None) -> tuple[EngineConfig, dict]:
+    p = Path(path)
+    data = read_yaml(p, "config file")
     if data is not None and not isinstance(data, dict):
         raise ConfigError(f"{p}: top level must be a mapping of engine options")
     return config_from_mapping(data or {}, source=str(p), base=base)

@@ -41,9 +41,9 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
 
 from kvsim.config import FIELDS as ENGINE_FIELDS
+from kvsim.config import read_yaml
 from kvsim.errors import ConfigError
 
 #: top-level keys that are settings, not axes
@@ -94,12 +94,7 @@ def load_grid(grid, base_dir=None) -> Grid:
         return grid
     if isinstance(grid, (str, Path)):
         p = Path(grid)
-        try:
-            data = yaml.safe_load(p.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"grid file {str(p)!r} does not exist") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        data = read_yaml(p, "grid file")
         base = p.resolve().parent
         where = str(p)
     else:
