@@ -40,7 +40,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prefix-caching", dest="enable_prefix_caching", action="store_true", help=argparse.SUPPRESS)
     k = p.add_argument_group("cluster and scheduling (kvsim)")
     k.add_argument("--num-replicas", dest="num_replicas", type=int, default=None, help="independent replicas (default 1)")
-    k.add_argument("--router", choices=["round-robin", "least-outstanding-tokens"], default=None)
+    k.add_argument("--router", choices=["round-robin", "least-outstanding-tokens", "vllm-dp"], default=None)
     k.add_argument("--scheduler", choices=["chunked", "prefill-first"], default=None,
                    help="chunked: vLLM V1 (default); prefill-first: vLLM V0 without chunked prefill")
 

@@ -20,7 +20,7 @@ from kvsim.errors import ConfigError
 GIB = 1024**3
 KV_CACHE_DTYPES = ("auto", "bfloat16", "float16", "fp8", "fp8_e4m3", "fp8_e5m2")
 SCHEDULERS = ("chunked", "prefill-first")
-ROUTERS = ("round-robin", "least-outstanding-tokens")
+ROUTERS = ("round-robin", "least-outstanding-tokens", "vllm-dp")
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,9 @@ class EngineConfig:
     scheduler: str = "chunked"
     #: independent engine replicas (each with tensor_parallel_size GPUs) behind a router
     num_replicas: int = 1
+    #: how a request picks a replica (or a lockstep group): "least-outstanding-tokens", "round-robin", or
+    #: "vllm-dp" (vLLM's DP balancer, 4 x waiting + running; kvsim.engine.cluster.VllmDPBalancer). Inside
+    #: a lockstep group the rank is always picked as vLLM's DP front end does ("vllm-dp")
     router: str = "least-outstanding-tokens"
     #: memory held back for activations, CUDA graphs and the allocator; vLLM measures this with a
     #: profiling forward pass, kvsim estimates it (see kvsim.engine.memory)

@@ -125,3 +125,24 @@ def test_calibrating_the_imported_profiles_beats_the_generic_defaults():
         before = np.median(np.abs(C.predict(t, RooflineParams(), legacy=True) / t.measured - 1))
         after = np.median(np.abs(C.predict(t, got) / t.measured - 1))
         assert after <= before + 0.02, t.op
+
+
+def test_a_machine_collective_figure_replaces_the_fitted_nvlink_efficiency():
+    """RTX PRO 6000 (PCIe, its machine's figure C = 17.18 GB/s, c = 20 us per ring step): a 2-GPU ring
+    all-reduce of S bytes is 2 steps of S/2, 2 (c + S / (2 C)), whatever eff_comm says; the EP token
+    exchange (all-gather + reduce-scatter of T h b a rank over 2 ranks) is 2 (c + T h b / C). Hardware
+    without a figure keeps allreduce_latency_s + 2 (p-1)/p S / (X eff_comm)."""
+    p = RooflineParams(eff_comm=0.5, allreduce_latency_s=1e-3)
+    q32 = RooflineCost(load_model("qwen3-32b"), load_hardware("rtx-pro-6000"), NoCompression(), 2, p)
+    S = 128 * 5120 * 2
+    one = 2 * (20e-6 + S / 2 / 17.18e9)
+    assert one == pytest.approx(116.29e-6, rel=1e-4)
+    assert q32.collective_time_s(S, 2) == pytest.approx(one)
+    assert q32.allreduce_time_s(128) == pytest.approx(2 * one)  # two per layer
+    moe = RooflineCost(load_model("qwen3-30b-a3b"), load_hardware("rtx-pro-6000"), NoCompression(), 1, p,
+                       expert_parallel_size=2)
+    assert moe.alltoall_time_s(64) == pytest.approx(2 * (20e-6 + 64 * 2048 * 2 / 17.18e9))
+    assert moe.allreduce_time_s(64) == 0.0  # TP 1
+    a100 = RooflineCost(load_model("qwen3-32b"), load_hardware("a100"), NoCompression(), 2, p)
+    assert a100.collective_time_s(S, 2) == pytest.approx(1e-3 + S / (300e9 * 0.5))
+    assert a100.collective_time_s(S, 4) == pytest.approx(1e-3 + 1.5 * S / (300e9 * 0.5))

@@ -1,7 +1,7 @@
 """Fast-forwarded decode stretches give exactly the results of stepping one step at a time.
 
 Hypothesis draws traces (arrivals, lengths, prefix hashes), small block pools (to force preemption),
-1-3 replicas, both routers, both schedulers and every registered compression method, and replays each
+1-3 replicas, every router, both schedulers and every registered compression method, and replays each
 twice through the public API: ``fast_forward=True`` and ``fast_forward=False``. Every per-request field
 must be equal (exact float equality); the summaries too, except the ``sim`` counters (steps are batched
 into stretches) and the mean inter-token latency (the same values summed in another order).
@@ -77,7 +77,7 @@ def scenarios(draw):
         enable_prefix_caching=prefix,
         scheduler=scheduler,
         num_replicas=draw(st.integers(1, 3)),
-        router=draw(st.sampled_from(["round-robin", "least-outstanding-tokens"])),
+        router=draw(st.sampled_from(["round-robin", "least-outstanding-tokens", "vllm-dp"])),
         seed=draw(st.integers(0, 3)),
     )
     method = draw(st.sampled_from(METHODS))

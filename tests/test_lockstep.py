@@ -80,19 +80,24 @@ def test_independent_ranks_do_not_wait_for_each_other():
     assert rows["A"]["first_token_time_s"] == float(FakeCost.exact(16))
 
 
-def test_a_request_arriving_mid_step_joins_the_next_group_step_on_the_least_loaded_rank():
+def test_a_request_arriving_mid_step_joins_the_next_group_step_on_the_rank_vllm_picks():
+    """vLLM's DP balancer (lowest 4 x waiting + running, ties to rank 0, one waiting request added locally per
+    pick between 100 ms snapshots): A -> rank 0 (0 vs 0), B -> rank 1 (4 vs 0), C at 1/64 s -> rank 0
+    (4 vs 4, no new snapshot yet), although rank 0 holds more tokens (A: 16 + 2 against B: 8 + 3)."""
     e0, e1 = lockstep_pair()
     moe, step = FakeMoECost.moe_exact, FakeCost.exact
-    # A (16 + 2 = 18 outstanding) on rank 0, B (8 + 3 = 11) on rank 1, C at 1/64 s: rank 1 (11 < 18)
     run_sim([e0, e1], [make_request("A", 0.0, 16, 2), make_request("B", 0.0, 8, 3),
                        make_request("C", 2.0 ** -6, 4, 1)], router="least-outstanding-tokens")
     rows = {r["request_id"]: r for r in e0.rec.rows}
-    assert rows["C"]["replica"] == 1
+    assert [rows[k]["replica"] for k in "ABC"] == [0, 1, 0]
     t1 = Fraction(40, 1024)
-    # step 2: rank 0 decodes A (T = 1), rank 1 decodes B and prefills C (T = 5): rank 0 pads to 5 tokens
-    t2 = t1 + max(step(1, 17) + moe(5) - moe(1), step(5, 9))
+    # step 2: rank 0 decodes A (KV 17) and prefills C (T = 5); rank 1 decodes B (KV 9, T = 1) padded to 5
+    t2 = t1 + max(step(5, 17), step(1, 9) + moe(5) - moe(1))
+    assert t2 - t1 == Fraction(409, 16384)  # rank 1's padded step is the longer
     assert rows["C"]["first_token_time_s"] == rows["C"]["finish_time_s"] == float(t2)
     assert rows["A"]["finish_time_s"] == float(t2)
+    # step 3: rank 0 is idle (dummy batch, moe(1)); rank 1 decodes B's last token
+    assert rows["B"]["finish_time_s"] == float(t2 + max(step(1, 10), moe(1)))
 
 
 def test_group_ranks_must_not_fast_forward():
@@ -139,3 +144,63 @@ def test_lockstep_conservation(scenario):
     # group ranks never fast-forward, so the option changes nothing
     stepped = api.replay(requests(reqs), spec=spec, fast_forward=False, keep_rows=True)
     assert sorted(stepped.rows, key=lambda r: r["request_id"]) == sorted(rows, key=lambda r: r["request_id"])
+
+
+# -- vLLM's DP balancer, by hand --------------------------------------------------------------------
+class _Sched:
+    def __init__(self, waiting, running):
+        self.waiting, self.running = [None] * waiting, [None] * running
+
+
+class _Rank:
+    def __init__(self, rid, waiting, running):
+        self.id, self.scheduler = rid, _Sched(waiting, running)
+
+    def set(self, waiting, running):
+        self.scheduler = _Sched(waiting, running)
+
+
+def test_vllm_dp_balancer_scores_waiting_four_times_running():
+    from kvsim.engine.cluster import VllmDPBalancer, request_counts
+
+    a, b = _Rank(0, 1, 0), _Rank(1, 0, 3)
+    bal = VllmDPBalancer()
+    assert bal.pick([a, b], 0.0) is b                     # 4 x 1 + 0 = 4 > 4 x 0 + 3 = 3
+    # between snapshots the front end adds one waiting request to the rank it chose: b is now 4 x 1 + 3 = 7
+    assert bal.pick([a, b], 0.05) is a                    # 4 < 7; a's view is now 8
+    assert bal.pick([a, b], 0.0999) is b                  # 7 < 8
+    # 100 ms after the snapshot the counts are read again: a (2 waiting, 1 running) = 9, b (0, 5) = 5
+    a.set(2, 1), b.set(0, 5)
+    assert bal.pick([a, b], 0.1) is b
+    assert request_counts(a) == (2, 1)
+    # equal scores: the lowest rank (vLLM scans from eng_start_index = 0 with a strict <)
+    c, d = _Rank(0, 0, 4), _Rank(1, 1, 0)
+    assert VllmDPBalancer().pick([c, d], 0.0) is c
+    # stats_interval_s = 0: every pick reads the current counts (no carried increments)
+    live = VllmDPBalancer(stats_interval_s=0.0)
+    e, f = _Rank(0, 0, 0), _Rank(1, 0, 0)
+    assert [live.pick([e, f], t) for t in (0.0, 0.0, 0.0)] == [e, e, e]
+
+
+def test_vllm_dp_balancer_rejects_a_bad_interval():
+    from kvsim.engine.cluster import VllmDPBalancer
+
+    with pytest.raises(ValueError, match="stats_interval_s = -0.1"):
+        VllmDPBalancer(stats_interval_s=-0.1)
+    with pytest.raises(ValueError, match="stats_interval_s = inf"):
+        VllmDPBalancer(stats_interval_s=float("inf"))
+
+
+def test_vllm_dp_router_sums_a_groups_counts_and_is_selectable():
+    from kvsim.config import EngineConfig
+    from kvsim.engine.cluster import VllmDPBalancer, make_router, request_counts
+    from kvsim.engine.sim import LockstepGroup
+
+    g = LockstepGroup(0, [_Rank(0, 1, 2), _Rank(1, 0, 3)])   # 1 waiting, 5 running: score 9
+    solo = _Rank(2, 2, 0)                                      # score 8
+    assert request_counts(g) == (1, 5)
+    router = make_router("vllm-dp")
+    assert isinstance(router, VllmDPBalancer)
+    assert router.pick([g, solo], 0.0) is solo
+    assert router.pick([g, solo], 0.01) is g                   # solo is now seen at 12 > 9
+    assert EngineConfig(router="vllm-dp").validate().router == "vllm-dp"

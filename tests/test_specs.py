@@ -11,7 +11,7 @@ import yaml
 
 from kvsim.errors import ConfigError, UnknownNameError
 from kvsim.specs import HardwareSpec, ModelSpec, load_hardware, load_model
-from kvsim.specs.hardware import FIGURE_KEYS, known_hardware
+from kvsim.specs.hardware import FIGURE_KEYS, OPTIONAL_FIGURE_KEYS, known_hardware
 from kvsim.specs.model import known_models
 
 SHIPPED_MODELS = {
@@ -240,7 +240,7 @@ def test_every_figure_has_a_source():
     table = _yaml()
     for name in SHIPPED_GPUS:
         e = table[name]
-        figures = [k for k in FIGURE_KEYS] + (["memory_bytes"] if "memory_bytes" in e else [])
+        figures = [k for k in FIGURE_KEYS] + [k for k in OPTIONAL_FIGURE_KEYS if k in e]
         for key in figures:
             assert key in e, (name, key)
             src = e["sources"].get(key, "")
@@ -276,6 +276,32 @@ def test_datasheet_figures():
     assert load_hardware("h200").supports_fp8
     assert load_hardware("rtx-pro-6000").interconnect_bw_bytes_per_s == 64e9  # PCIe Gen5 x16, one way
     assert load_hardware("l40s").interconnect_bw_bytes_per_s == 32e9  # PCIe Gen4 x16, one way
+
+
+def test_collective_figures():
+    """Only the RTX PRO 6000 carries its machine's collective figure (LLMServingSim's link model of the
+    2-GPU PCIe box: 16 GiB/s = 17.18 GB/s and 20 us per ring step); the others keep interconnect x eff_comm."""
+    hw = load_hardware("rtx-pro-6000")
+    assert hw.collective_bw_bytes_per_s == 17.18e9 and hw.collective_latency_s == pytest.approx(20e-6)
+    assert hw.collective_bw_bytes_per_s == pytest.approx(16 * 2**30, rel=1e-3)
+    for name in SHIPPED_GPUS - {"rtx-pro-6000"}:
+        h = load_hardware(name)
+        assert h.collective_bw_bytes_per_s is None and h.collective_latency_s is None, name
+
+
+@pytest.mark.parametrize("entry, match", [
+    ({"collective_gb_s": 17.18}, "collective_gb_s = 17.18 needs its pair"),
+    ({"collective_latency_us": 20}, "collective_latency_us = 20 needs its pair"),
+    ({"collective_gb_s": 0, "collective_latency_us": 20}, "collective_gb_s = 0 must be positive"),
+    ({"collective_gb_s": "fast", "collective_latency_us": 20}, "collective_gb_s = 'fast' is not a number"),
+])
+def test_collective_figures_are_checked(monkeypatch, entry, match):
+    from kvsim.specs import hardware as H
+
+    base = dict(_yaml()["l40s"], **entry)
+    monkeypatch.setattr(H, "_raw_table", lambda: {"box": base})
+    with pytest.raises(ConfigError, match=match):
+        load_hardware("box")
 
 
 def test_aliases_and_spelling():

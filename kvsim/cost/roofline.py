@@ -15,6 +15,8 @@ model), ``W`` the peak memory bandwidth, ``X`` the per-GPU interconnect bandwidt
                           a partial query tile costs a whole one, and a call with fewer than
                           attn_ctas tiles leaves the GPU partly idle (wave quantisation)
     all-reduce of S bytes over p GPUs (ring):  t = allreduce_latency_s + 2 (p-1)/p S / (X eff_comm)
+                          or, where the hardware spec has a figure for its machine's collectives (one
+                          ring step: bandwidth C, latency c): t = 2 (p-1) (c + S / (p C))
 
 ``eff_gemm(T)`` is the achieved fraction of peak of a GEMM whose M dimension is T tokens: it rises to
 ``eff_flops`` for large T and is lower for small T (tile and wave quantisation), which in time is a
@@ -36,7 +38,7 @@ weight/activation element:
   computes T k token-expert pairs (F 6 T k h i_e / p + router 2 T h E) and reads the weights of the
   distinct local experts the group's e T tokens touch, (E / e) (1 - (1 - k/E)^(e T)) in expectation;
   with e > 1 each MoE layer also all-gathers the tokens and reduce-scatters the outputs among the
-  ranks: 2 (allreduce_latency_s + (e-1) T h b / (X eff_comm))
+  ranks: 2 (allreduce_latency_s + (e-1) T h b / (X eff_comm)), or 2 (e-1) (c + T h b / C)
 - other (element-wise, 4 kernels: 2 fused add+RMSNorm, rotary, the rest): B T (8 h + 2 (q + 2k)) b
 - attention: from the compression method (``Method.prefill_attention_work`` /
   ``decode_attention_work`` and the ``*_extra_work`` hooks), so each method's kernel path is costed.
@@ -190,6 +192,10 @@ class RooflineCost(CostModel):
         self._elem_ko = pr.elem_overhead_s if pr.elem_overhead_s is not None else pr.kernel_overhead_s
         self._attn_ko = pr.attn_overhead_s if pr.attn_overhead_s is not None else KERNELS["attention"] * pr.kernel_overhead_s
         self._link = hardware.interconnect_bw_bytes_per_s * pr.eff_comm
+        # eff_comm and allreduce_latency_s are fitted on NCCL over NVLink; a machine's own collective
+        # figure (a PCIe box, where NCCL may stage data through host memory) is used as it stands
+        self._step_bw = hardware.collective_bw_bytes_per_s
+        self._step_lat = hardware.collective_latency_s
         self._ko = pr.kernel_overhead_s
         self._half = pr.gemm_half_tokens
         self._dense_cache: dict[int, float] = {}
@@ -236,6 +242,9 @@ class RooflineCost(CostModel):
         """One ring all-reduce of ``nbytes`` over ``group`` GPUs."""
         if group <= 1:
             return 0.0
+        if self._step_bw:
+            # ring: reduce-scatter then all-gather, 2 (p-1) steps of S/p bytes, each paying the latency
+            return 2.0 * (group - 1) * (self._step_lat + nbytes / group / self._step_bw)
         return self.params.allreduce_latency_s + 2.0 * (group - 1) / group * nbytes / self._link
 
     # -- per-layer linear work over T tokens ----------------------------------------------------
@@ -278,6 +287,9 @@ class RooflineCost(CostModel):
         if self.ep <= 1 or not self.model.is_moe or T == 0:
             return 0.0
         per_rank = T * self.model.hidden_size * self.model.dtype_bytes
+        if self._step_bw:
+            # ring all-gather and reduce-scatter: p-1 steps of one rank's share each
+            return 2.0 * (self.ep - 1) * (self._step_lat + per_rank / self._step_bw)
         return 2.0 * (self.params.allreduce_latency_s + (self.ep - 1) * per_rank / self._link)
 
     def moe_time_s(self, T: int) -> float:

@@ -8,9 +8,10 @@ ranks, so they step together. Replicas sharing a ``lockstep_group`` id run in on
 ranks ``begin`` at the same time (single steps: their fast-forward is off), the step lasts
 ``max over ranks of (own step time + moe(T_max) - moe(T_rank))`` (``cost.moe_time_s``; ``T_rank`` is the
 rank's new tokens, ``T_max`` the group's largest; an idle rank has T = 0 and runs a dummy batch, i.e.
-still waits), and every rank commits at that common end. The router picks a group (or a standalone
-replica) as it picks replicas, seeing the group's summed load, then the group's rank with the least
-outstanding tokens (ties: lowest id). vLLM's DP coordinator balances on waiting/running counts instead.
+still waits; vLLM 0.19's dummy run is a whole forward padded to T_max, never longer than the busy rank's
+step, so only its MoE part is charged), and every rank commits at that common end. The router picks a group (or a standalone
+replica) as it picks replicas, seeing the group's summed load; the group then picks its rank as vLLM's
+DP front end does (``kvsim.engine.cluster.VllmDPBalancer``: lowest 4 x waiting + running).
 
 Ordering at equal times: arrivals are scheduled URGENT, so a step that ends exactly when a request
 arrives sees that request when it plans the next step (as vLLM's engine loop would).
@@ -24,6 +25,7 @@ from heapq import heappush
 import simpy
 from simpy.events import NORMAL, URGENT
 
+from kvsim.engine.cluster import VllmDPBalancer
 from kvsim.engine.output_length import LengthSampler
 from kvsim.engine.replica import Replica
 from kvsim.engine.sequence import Sequence
@@ -48,13 +50,14 @@ class LockstepGroup:
         self.ranks = ranks
         self.gid = gid
         self.id = min(r.id for r in ranks)
+        self.balancer = VllmDPBalancer()
 
     @property
     def outstanding_tokens(self) -> int:
         return sum(r.outstanding_tokens for r in self.ranks)
 
-    def pick(self) -> Replica:
-        return min(self.ranks, key=lambda r: (r.outstanding_tokens, r.id))
+    def pick(self, now: float) -> Replica:
+        return self.balancer.pick(self.ranks, now)
 
 
 class Simulation:
@@ -126,9 +129,9 @@ class Simulation:
             rec.arrival(item.arrival_time_s)
             seq = Sequence(item, index, self.lengths.output_tokens(item.output_tokens))
             index += 1
-            r = self.router.pick(self._units)
+            r = self.router.pick(self._units, t)
             if isinstance(r, LockstepGroup):
-                r = r.pick()
+                r = r.pick(t)
             reason = r.add(seq)
             if reason:
                 rec.reject(item.request_id, item.arrival_time_s, item.prompt_tokens, item.output_tokens, reason, r.id)
@@ -203,7 +206,8 @@ class Simulation:
             t_max = max(tokens.values())
             moe = ranks[0].cost.moe_time_s
             moe_max = moe(t_max)
-            # an idle rank (T = 0, own step 0) runs a dummy batch through the MoE layers: moe(T_max)
+            # an idle rank runs vLLM's dummy batch, a whole forward padded to T_max: never longer than a
+            # busy rank's step padded to T_max, so moe(T_max), its MoE part, stands for it (a bound only)
             end = now + moe_max if len(active) < len(ranks) else now
             for r, p in active:
                 pad = moe_max - moe(tokens[r.id])

@@ -9,9 +9,16 @@ YAML layout (one mapping per GPU, plus an optional top-level ``aliases`` mapping
       fp16_tflops: 989.4       # dense fp16/bf16 tensor peak, FP32 accumulate
       fp8_tflops: 1978.9       # dense fp8 tensor peak; 0 = no fp8 tensor cores
       interconnect_gb_s: 450   # GPU-to-GPU, one direction, per GPU
+      collective_gb_s: 17.18   # optional, with collective_latency_us: one ring step of a collective
+      collective_latency_us: 20  #   between two GPUs of the machine, as measured or modelled there
       sources: {memory_gb: "...", ...}   # one entry per figure
     aliases:
       h100-sxm: h100
+
+``collective_gb_s`` / ``collective_latency_us`` (both or neither) replace ``interconnect_gb_s`` times the
+fitted ``eff_comm`` in the cost of collectives (``kvsim.cost.roofline``). That efficiency is fitted on
+NCCL timings over NVLink; a PCIe machine, where NCCL may not use peer-to-peer and stages data through
+host memory, is not that link at a lower speed, so where a figure for the machine exists it is used as is.
 
 ``fp8_flops == 0`` means the GPU has no FP8 tensor cores; callers fall back to the fp16 peak
 (``kvsim.cost.roofline`` does). ``supports_fp8`` says so explicitly.
@@ -30,6 +37,8 @@ GIB = 1024**3
 
 #: the figures every entry must carry, each with a source
 FIGURE_KEYS = ("memory_gb", "mem_bw_gb_s", "fp16_tflops", "fp8_tflops", "interconnect_gb_s")
+#: figures an entry may carry, each then with a source
+OPTIONAL_FIGURE_KEYS = ("memory_bytes", "collective_gb_s", "collective_latency_us")
 _RESERVED = ("aliases",)
 
 
@@ -45,6 +54,10 @@ class HardwareSpec:
     #: per-GPU bandwidth between GPUs of one node (NVLink, or PCIe where there is none), one direction
     interconnect_bw_bytes_per_s: float
     sources: dict = field(default_factory=dict, compare=False)
+    #: one step of a ring collective between two GPUs of this machine (bandwidth, latency), where a
+    #: figure for the machine exists; None: the cost model uses interconnect x its fitted efficiency
+    collective_bw_bytes_per_s: float | None = None
+    collective_latency_s: float | None = None
 
     @property
     def supports_fp8(self) -> bool:
@@ -107,6 +120,15 @@ def load_hardware(name: str) -> HardwareSpec:
         memory = int(num("memory_gb") * 1e9)
     else:
         memory = int(num("memory_gib") * GIB)
+    has = [k for k in ("collective_gb_s", "collective_latency_us") if k in e]
+    if len(has) == 1:
+        raise ConfigError(f"{where}: {has[0]} = {e[has[0]]!r} needs its pair "
+                          "(collective_gb_s and collective_latency_us go together)")
+    coll_bw = coll_lat = None
+    if has:
+        coll_bw, coll_lat = num("collective_gb_s") * 1e9, num("collective_latency_us") * 1e-6
+        if coll_bw == 0:
+            raise ConfigError(f"{where}: collective_gb_s = {e['collective_gb_s']!r} must be positive")
     return HardwareSpec(
         name=key,
         memory_bytes=memory,
@@ -115,4 +137,6 @@ def load_hardware(name: str) -> HardwareSpec:
         fp8_flops=num("fp8_tflops") * 1e12,
         interconnect_bw_bytes_per_s=num("interconnect_gb_s") * 1e9,
         sources=dict(e.get("sources") or {}),
+        collective_bw_bytes_per_s=coll_bw,
+        collective_latency_s=coll_lat,
     )
