@@ -90,8 +90,11 @@ class Replica:
         meth = self.method
         for seq, n in plan.scheduled:
             if n == 1 and seq.num_computed >= seq.prefill_base:
+                kept = meth.kept_tokens(seq.prefill_base, seq.num_computed + 1)
                 shape.num_decode_seqs += 1
-                shape.decode_kept_tokens += meth.kept_tokens(seq.prefill_base, seq.num_computed + 1)
+                shape.decode_kept_tokens += kept
+                if kept > shape.decode_max_kept:
+                    shape.decode_max_kept = kept
             else:
                 total = seq.num_computed + n
                 shape.prefill_chunks.append((n, total, total == seq.num_tokens))
@@ -125,16 +128,27 @@ class Replica:
         if kv.paged and n_max > 1:
             n_max = self._steps_within_memory(seqs, kept0, growth, n_max)
         # growth[i] = steps after the first during which sequence i's kept count still rises by one
-        stops = sorted(growth)
+        order = sorted(range(B), key=growth.__getitem__)
+        stops = [growth[i] for i in order]
+        # the largest kept count at step j: max(capped: kept0 + growth over order[:si], growing:
+        # kept0 over order[si:] + j), from prefix and suffix maxima in growth order
+        capped_max = [0] * (B + 1)
+        for n, i in enumerate(order):
+            capped_max[n + 1] = max(capped_max[n], kept0[i] + growth[i])
+        growing_max = [-1] * (B + 1)
+        for n in range(B - 1, -1, -1):
+            growing_max[n] = max(growing_max[n + 1], kept0[order[n]])
         S = sum(kept0)
-        D = B - bisect_right(stops, 0)
         si = bisect_right(stops, 0)
+        D = B - si
         decode_time = self.cost.decode_step_time_s
         t = now
         durations = []
         j = 0
         while True:
-            dt = decode_time(B, S)
+            g = growing_max[si]
+            M = capped_max[si] if g < 0 else max(capped_max[si], g + j)
+            dt = decode_time(B, S, M)
             t += dt
             durations.append(dt)
             j += 1
