@@ -72,6 +72,8 @@ CASE_KEYS = {"case_id"}
 #: columns of steps.csv (one row per engine step); see docs/fidelity.md
 STEP_COLUMNS = ["step", "replica", "start_s", "end_s", "duration_ms", "num_prefill_tokens", "num_prefill_seqs",
                 "num_decode_seqs", "decode_kv_tokens", "prefill_chunks", "num_preempted"]
+#: optional: the largest KV-token count among the step's decodes (``StepShape.decode_max_kept``)
+MAX_KV_COLUMN = "decode_max_kv_tokens"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -284,8 +286,8 @@ class StepLog:
         self.now = 0.0
         self.planned: list = []
 
-    def _log(self, nd, kv, chunks, dt):
-        self.planned.append((self.replica_id, self.now, dt, nd, kv, chunks))
+    def _log(self, nd, kv, chunks, dt, mk=0):
+        self.planned.append((self.replica_id, self.now, dt, nd, kv, chunks, mk))
         self.now += dt
 
     def committed(self, n: int) -> None:
@@ -294,12 +296,12 @@ class StepLog:
 
     def step_time_s(self, shape):
         dt = self.inner.step_time_s(shape)
-        self._log(shape.num_decode_seqs, shape.decode_kept_tokens, list(shape.prefill_chunks), dt)
+        self._log(shape.num_decode_seqs, shape.decode_kept_tokens, list(shape.prefill_chunks), dt, shape.decode_max_kept)
         return dt
 
-    def decode_step_time_s(self, num_seqs, kept):
-        dt = self.inner.decode_step_time_s(num_seqs, kept)
-        self._log(num_seqs, kept, [], dt)
+    def decode_step_time_s(self, num_seqs, kept, max_kept=0):
+        dt = self.inner.decode_step_time_s(num_seqs, kept, max_kept)
+        self._log(num_seqs, kept, [], dt, max_kept)
         return dt
 
     def breakdown(self, shape):
@@ -321,8 +323,8 @@ def _wrap_begin(replica, log: StepLog):
         p = replica.pending
         if p is not None and not p.ff_steps and log.planned:
             # a lockstep group's step lasts the group's time, not the rank's own (kvsim.engine.sim)
-            rid, start, _, nd, kv, chunks = log.planned[0]
-            log.planned[0] = (rid, start, p.end_s - p.start_s, nd, kv, chunks)
+            rid, start, _, nd, kv, chunks, mk = log.planned[0]
+            log.planned[0] = (rid, start, p.end_s - p.start_s, nd, kv, chunks, mk)
         log.committed(p.ff_steps if p is not None and p.ff_steps else 1)
         return orig_commit()
 
@@ -406,11 +408,12 @@ def step_errors(steps_csv: Path, cost) -> tuple[list[dict], dict]:
                 kv = int(r["decode_kv_tokens"])
                 chunks = _parse_chunks(r.get("prefill_chunks", ""))
                 meas = float(r["duration_ms"])
+                mk = int(r.get(MAX_KV_COLUMN) or 0)
             except (KeyError, TypeError, ValueError) as e:
                 raise ConfigError(f"{steps_csv}:{i}: bad step row ({e})") from None
             if nd == 0 and not chunks:
                 continue
-            pred = cost.step_time_s(StepShape(nd, kv, chunks)) * 1e3
+            pred = cost.step_time_s(StepShape(nd, kv, chunks, mk)) * 1e3
             out.append({"step": r.get("step", i - 1), "kind": "decode" if not chunks else ("prefill" if nd == 0 else "mixed"),
                         "num_decode_seqs": nd, "decode_kv_tokens": kv, "num_prefill_tokens": sum(c[0] for c in chunks),
                         "measured_ms": meas, "predicted_ms": pred, "error_pct": err_pct(pred, meas)})
@@ -544,10 +547,10 @@ def write_case_outputs(res: CaseResult, out: Path, plot: bool = True) -> None:
             w.writerow({k: ("" if v is None else v) for k, v in j.items()})
     with open(out / "steps.csv", "w", newline="") as f:
         w = csv.writer(f, lineterminator="\n")
-        w.writerow(STEP_COLUMNS)
-        for i, (rep, t0, dt, nd, kv, chunks) in enumerate(res.steps):
+        w.writerow(STEP_COLUMNS + [MAX_KV_COLUMN])
+        for i, (rep, t0, dt, nd, kv, chunks, mk) in enumerate(res.steps):
             w.writerow([i, rep, f"{t0:.6f}", f"{t0 + dt:.6f}", f"{dt * 1e3:.4f}", sum(c[0] for c in chunks), len(chunks),
-                        nd, kv, ";".join(f"{a}:{b}:{int(c)}" for a, b, c in chunks), ""])
+                        nd, kv, ";".join(f"{a}:{b}:{int(c)}" for a, b, c in chunks), "", mk])
     if getattr(res, "steps_measured", None):
         with open(out / "step_errors.csv", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(res.steps_measured[0]), lineterminator="\n")

@@ -62,7 +62,8 @@ class FakeCost(CostModel):
         self.calls: list[StepShape] = []
 
     def step_time_s(self, shape: StepShape) -> float:
-        self.calls.append(StepShape(shape.num_decode_seqs, shape.decode_kept_tokens, list(shape.prefill_chunks)))
+        self.calls.append(StepShape(shape.num_decode_seqs, shape.decode_kept_tokens, list(shape.prefill_chunks),
+                                    shape.decode_max_kept))
         return self.A + self.B * shape.num_tokens + self.C * shape.decode_kept_tokens
 
     # the exact same value as rationals, for hand-computed expectations

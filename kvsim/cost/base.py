@@ -19,6 +19,8 @@ class StepShape:
     decode_kept_tokens: int = 0
     #: prefill chunks: (new tokens, KV tokens attended including the chunk, chunk completes the prompt)
     prefill_chunks: list = field(default_factory=list)
+    #: the largest kept-token count among the decodes (0: unknown; the batch is costed as uniform)
+    decode_max_kept: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -38,10 +40,10 @@ class CostModel(ABC):
     def step_time_s(self, shape: StepShape) -> float:
         """Wall time of one engine step on one replica (all its tensor-parallel GPUs together)."""
 
-    def decode_step_time_s(self, num_seqs: int, kept_tokens_sum: int) -> float:
+    def decode_step_time_s(self, num_seqs: int, kept_tokens_sum: int, max_kept: int = 0) -> float:
         """A pure decode step; the replica's fast-forward calls this once per step, so it is the hot
-        path. Must return exactly ``step_time_s(StepShape(num_seqs, kept_tokens_sum))``."""
-        return self.step_time_s(StepShape(num_seqs, kept_tokens_sum))
+        path. Must return exactly ``step_time_s(StepShape(num_seqs, kept_tokens_sum, [], max_kept))``."""
+        return self.step_time_s(StepShape(num_seqs, kept_tokens_sum, [], max_kept))
 
     def moe_time_s(self, num_tokens: int) -> float:
         """Time of a step's MoE blocks (all layers, expert exchange included) over ``num_tokens``

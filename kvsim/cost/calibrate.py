@@ -14,6 +14,8 @@ Fitted, per hardware (physical meaning in ``RooflineParams``):
     kernel_overhead_s             fixed time of one kernel           every op at small sizes
     eff_attn_flops, eff_attn_mem  attention kernels                  attention.prefill.flash, attention.decode.none
     eff_comm, allreduce_latency_s collectives                        comm.all_reduce (NCCL tables)
+    attn_skew_decode, attn_skew_mixed  decodes of unequal context    the profiles' ``decode_skew_alpha``
+                                                                     (LLMServingSim's skew.csv), averaged
 
 A parameter whose data a hardware lacks (no attention or no all-reduce table) takes the ``default``
 value, which is fitted on all hardware at once (efficiencies are fractions of each GPU's datasheet
@@ -64,6 +66,9 @@ PARAMS = {
     "allreduce_latency_s": (0.0, 300e-6, "comm"),
 }
 NAMES = list(PARAMS)
+#: profile ``decode_skew_alpha`` key -> roofline parameter; closed-form least squares in the importer, so
+#: they are averaged over a hardware's profiles here rather than refitted
+SKEW = {"decode": "attn_skew_decode", "mixed": "attn_skew_mixed"}
 #: where a fit starts for a parameter that is off or unset
 START = {"gemm_half_tokens": 32.0, "eff_elem": 0.5, "elem_overhead_s": 3e-6, "eff_attn_mem": 0.8, "attn_q_tile": 64.0,
          "attn_ctas": 128.0, "attn_seq_overhead_s": 1e-7, "attn_overhead_s": 8e-6}
@@ -376,7 +381,7 @@ def _errors(tab: OpTable, p: RooflineParams, legacy: bool = False) -> np.ndarray
 # the whole calibration
 def _round(p: RooflineParams) -> dict:
     out = {}
-    for n in NAMES + list(A_PRIORI):
+    for n in NAMES + list(SKEW.values()) + list(A_PRIORI):
         v = getattr(p, n)
         if v is None:
             continue
@@ -427,10 +432,51 @@ def _stats(e: np.ndarray) -> tuple[float, float, float]:
     return float(np.median(a)), float(np.percentile(a, 90)), float(np.mean(e))
 
 
+def load_skew(paths=None) -> dict[tuple[str, str, int], dict[str, float]]:
+    """(hardware, model, TP) -> the profile's ``decode_skew_alpha`` (profiles that have one)."""
+    from kvsim.cost.profile import load_profile
+
+    paths = sorted(paths) if paths is not None else sorted(PROFILES_DIR.glob("*.json"))
+    out = {}
+    for path in paths:
+        prof = load_profile(path)
+        if prof.decode_skew_alpha:
+            out[(prof.hardware, prof.model, prof.tensor_parallel_size)] = prof.decode_skew_alpha
+    return out
+
+
+def skew_params(skew: dict, keep) -> dict[str, float]:
+    """The mean alpha per regime over the profiles ``keep((hardware, model, tp))`` selects."""
+    out = {}
+    for key, name in SKEW.items():
+        vals = [a[key] for k, a in skew.items() if key in a and keep(k)]
+        if vals:
+            out[name] = float(np.mean(vals))
+    return out
+
+
+def apply_skew(default, per_hw, loo_params, skew: dict):
+    """Skew terms for every fit: a hardware's own profiles where it has some, else all profiles
+    (``default``); leave-one-out drops the withheld (hardware, model) pair's profiles."""
+    d = skew_params(skew, lambda k: True)
+    default = replace(default, **d)
+    out_hw = {}
+    for hw, (p, free) in per_hw.items():
+        own = skew_params(skew, lambda k: k[0] == hw)
+        out_hw[hw] = (replace(p, **{**d, **own}), free + [n for n in SKEW.values() if n in own])
+    out_loo = {}
+    for (hw, model), (p, how) in loo_params.items():
+        rest = skew_params(skew, lambda k: (k[0], k[1]) != (hw, model))
+        own = skew_params(skew, lambda k: k[0] == hw and k[1] != model)
+        out_loo[(hw, model)] = (replace(p, **{**rest, **own}), how)
+    return default, out_hw, out_loo
+
+
 def run(out_dir=None, write_yaml: Path | None = CALIBRATION_YAML, paths=None, loo: bool = True) -> dict:
     tables = load_tables(paths)
     default, per_hw = fit_all(tables)
     loo_params = leave_one_out(tables) if loo else {}
+    default, per_hw, loo_params = apply_skew(default, per_hw, loo_params, load_skew(paths))
     before = RooflineParams()
     rows = []
     for t in tables:
@@ -472,7 +518,7 @@ def write_calibration_yaml(result: dict, path: Path) -> None:
         return s
 
     lines.append("  default:")
-    lines += entry(result["default"], NAMES)
+    lines += entry(result["default"], NAMES + [n for n in SKEW.values() if getattr(result["default"], n)])
     for hw, (p, free) in sorted(result["per_hw"].items()):
         lines.append(f"  {hw}:")
         lines += entry(p, free)

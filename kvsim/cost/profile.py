@@ -192,6 +192,9 @@ class Profile:
         self.provenance: dict = dict(data.get("provenance") or {})
         self.lengths: dict = dict(data.get("lengths") or {})
         self.loo_error: dict = dict(data.get("loo_error") or {})
+        #: {"decode": alpha, "mixed": alpha}: where a batch of unequal decode contexts lies between the
+        #: uniform batch at the mean and at the largest context (docs/profile-schema.md)
+        self.decode_skew_alpha: dict = {k: float(v) for k, v in (data.get("decode_skew_alpha") or {}).items()}
         self.tables: dict[str, Table] = {n: Table(n, t["axes"], t["time_s"]) for n, t in data["tables"].items()}
 
     def table(self, name: str) -> Table | None:
@@ -278,6 +281,14 @@ def validate_profile(data: dict, path: str = "<profile>") -> None:
         ratios = entry.get("ratios") if isinstance(entry, dict) else None
         if not isinstance(ratios, list) or not all(_is_num(r) and math.isfinite(r) and r > 0 for r in ratios):
             raise ConfigError(f"{where}: lengths[{spec!r}]: 'ratios' must be a list of positive numbers")
+    skew = data.get("decode_skew_alpha", {})
+    if not isinstance(skew, dict):
+        raise ConfigError(f"{where}: 'decode_skew_alpha' must be a mapping, got {type(skew).__name__}")
+    for k, v in skew.items():
+        if k not in ("decode", "mixed"):
+            raise ConfigError(f"{where}: decode_skew_alpha: unknown key {k!r} (known: decode, mixed)")
+        if not _is_num(v) or not math.isfinite(v):
+            raise ConfigError(f"{where}: decode_skew_alpha[{k!r}]: {v!r} is not a finite number")
     for key in ("provenance", "loo_error"):
         if key in data and not isinstance(data[key], dict):
             raise ConfigError(f"{where}: '{key}' must be a mapping")

@@ -134,6 +134,10 @@ class ProfiledCost(CostModel):
                                 else fallback.params.step_overhead_s
                                 + self.model.num_layers * fallback.params.layer_overhead_s)
         self._dense_cache: dict[int, float] = {}
+        # a profile's own measured skew (imported from LLMServingSim's skew.csv) wins over the roofline's
+        skew = profile.decode_skew_alpha
+        self._skew_decode = skew.get("decode", fallback.params.attn_skew_decode)
+        self._skew_mixed = skew.get("mixed", fallback.params.attn_skew_mixed)
         self.hits = 0
         self.misses = 0
 
@@ -205,20 +209,38 @@ class ProfiledCost(CostModel):
         # the grid's smallest expert count is top_k: fewer distinct local experts cost no less than that
         return tab.lookup_at(T, min(max(local, ax[0]), ax[-1]))
 
+    def _decode_table_s(self, B: int, kept: int):
+        """The measured decode attention of B sequences at kept / B tokens each, None off the grid."""
+        ctx = kept / B
+        if self._decode is not None:
+            v = self._decode.lookup_at(B, ctx)
+            return self.model.num_layers * v if v is not None else None
+        if self._decode_scaled is not None:
+            v = self._decode_scaled.lookup_at(B, ctx)
+            if v is not None:
+                roof = self.roof
+                return (self.model.num_layers * v * roof.decode_attention_time_s(B, kept)
+                        / self._roof_none.decode_attention_time_s(B, kept))
+        return None
+
+    def decode_skew_s(self, B: int, kept: int, max_kept: int) -> float:
+        """What unequal contexts add to a decode call (the roofline's ``decode_skew_s`` on measured
+        times): alpha of the gap between the batch at the largest and at the mean kept count."""
+        hi = max_kept * B
+        if not self._skew_decode or hi <= kept:
+            return 0.0
+        t_hi, t_mean = self._decode_table_s(B, hi), self._decode_table_s(B, kept)
+        if t_hi is None or t_mean is None:
+            roof = self.roof
+            t_hi, t_mean = roof.decode_kernel_s(B, hi), roof.decode_kernel_s(B, kept)
+        return self._skew_decode * (t_hi - t_mean)
+
     def decode_attention_time_s(self, B: int, kept: int) -> float:
         if B == 0:
             return 0.0
         roof, L = self.roof, self.model.num_layers
         ctx = kept / B
-        if self._decode is not None:
-            v = self._decode.lookup_at(B, ctx)
-            t = L * v if v is not None else None
-        elif self._decode_scaled is not None:
-            v = self._decode_scaled.lookup_at(B, ctx)
-            t = (L * v * roof.decode_attention_time_s(B, kept) / self._roof_none.decode_attention_time_s(B, kept)
-                 if v is not None else None)
-        else:
-            t = None
+        t = self._decode_table_s(B, kept)
         if t is None:
             self.misses += 1
             return roof.decode_attention_time_s(B, kept)
@@ -249,15 +271,22 @@ class ProfiledCost(CostModel):
 
     def step_time_s(self, shape: StepShape) -> float:
         if not shape.prefill_chunks:
-            return self.decode_step_time_s(shape.num_decode_seqs, shape.decode_kept_tokens)
+            return self.decode_step_time_s(shape.num_decode_seqs, shape.decode_kept_tokens, shape.decode_max_kept)
         # decodes in a step that prefills are rows of one variable-length prefill call (vLLM V1): the
         # profile's pure-decode table does not apply; the roofline fitted on this GPU's prefill kernel does
-        return (self.dense_time_s(shape.num_tokens, shape.num_logit_tokens)
-                + self.roof.mixed_decode_attention_time_s(shape.num_decode_seqs, shape.decode_kept_tokens)
-                + self.prefill_attention_time_s(shape.prefill_chunks))
+        B, kept, roof = shape.num_decode_seqs, shape.decode_kept_tokens, self.roof
+        t = (self.dense_time_s(shape.num_tokens, shape.num_logit_tokens) + roof.mixed_decode_attention_time_s(B, kept)
+             + self.prefill_attention_time_s(shape.prefill_chunks))
+        if self._skew_mixed and shape.decode_max_kept * B > kept:
+            hi = shape.decode_max_kept * B
+            t += self._skew_mixed * self.model.num_layers * (roof._mixed_rows_s(B, hi) - roof._mixed_rows_s(B, kept))
+        return t
 
-    def decode_step_time_s(self, num_seqs: int, kept_tokens_sum: int) -> float:
+    def decode_step_time_s(self, num_seqs: int, kept_tokens_sum: int, max_kept: int = 0) -> float:
         dense = self._dense_cache.get(num_seqs)
         if dense is None:
             dense = self._dense_cache[num_seqs] = self.dense_time_s(num_seqs, num_seqs)
-        return dense + self.decode_attention_time_s(num_seqs, kept_tokens_sum)
+        t = dense + self.decode_attention_time_s(num_seqs, kept_tokens_sum)
+        if self._skew_decode and max_kept * num_seqs > kept_tokens_sum:
+            t += self.decode_skew_s(num_seqs, kept_tokens_sum, max_kept)
+        return t

@@ -17,6 +17,10 @@ model), ``W`` the peak memory bandwidth, ``X`` the per-GPU interconnect bandwidt
     all-reduce of S bytes over p GPUs (ring):  t = allreduce_latency_s + 2 (p-1)/p S / (X eff_comm)
                           or, where the hardware spec has a figure for its machine's collectives (one
                           ring step: bandwidth C, latency c): t = 2 (p-1) (c + S / (p C))
+    decodes of unequal context: t = t_attn(mean) + alpha (t_attn(max) - t_attn(mean)), where t_attn(x)
+                          is the attention of the same batch with every decode at x kept tokens and
+                          alpha = attn_skew_decode (pure decode call) or attn_skew_mixed (decodes as
+                          rows of a prefill call), fitted on LLMServingSim's skew.csv (docs/reference-data.md)
 
 ``eff_gemm(T)`` is the achieved fraction of peak of a GEMM whose M dimension is T tokens: it rises to
 ``eff_flops`` for large T and is lower for small T (tile and wave quantisation), which in time is a
@@ -114,6 +118,11 @@ class RooflineParams:
     eff_comm: float = 1.0
     #: latency of one collective call
     allreduce_latency_s: float = 10e-6
+    #: where a batch of decodes with unequal contexts lies between the uniform batch at the mean and at
+    #: the largest context (0 = at the mean); one value for a decode call, one for decodes inside a
+    #: prefill call, fitted on measured skewed batches (kvsim calibrate, ``decode_skew_alpha``)
+    attn_skew_decode: float = 0.0
+    attn_skew_mixed: float = 0.0
     #: where these values came from
     source: str = "generic defaults (uncalibrated)"
 
@@ -201,6 +210,8 @@ class RooflineCost(CostModel):
         self._dense_cache: dict[int, float] = {}
         self._affine: dict[int, object] = {}
         self._decode_coef: dict[int, object] = {}
+        self._skew_decode = pr.attn_skew_decode
+        self._skew_mixed = pr.attn_skew_mixed
 
     # -- primitives --------------------------------------------------------------------------
     def _t(self, w: Work, attn: bool = False) -> float:
@@ -376,7 +387,7 @@ class RooflineCost(CostModel):
                 return False
         return coef
 
-    def mixed_decode_attention_time_s(self, num_seqs: int, kept: int) -> float:
+    def mixed_decode_attention_time_s(self, num_seqs: int, kept: int, max_kept: int = 0) -> float:
         """Decode sequences' attention in a step that also prefills. vLLM runs such a step's attention
         as one variable-length prefill call, where a decode is a one-query row: it does not get the
         decode kernel's split-KV and grouped-query packing, and costs a whole query tile per query
@@ -385,14 +396,28 @@ class RooflineCost(CostModel):
         if num_seqs == 0:
             return 0.0
         m, tp, meth = self.model, self.tp, self.method
-        w = meth.decode_attention_work(m, tp, num_seqs, kept)
+        t = self._mixed_rows_s(num_seqs, kept) + num_seqs * self._seq_ko
+        t += self._t(meth.decode_extra_work(m, tp, num_seqs, kept))
+        t = m.num_layers * t
+        if self._skew_mixed and max_kept * num_seqs > kept:
+            t += self.mixed_skew_s(num_seqs, kept, max_kept)
+        return t
+
+    def _mixed_rows_s(self, num_seqs: int, kept: int) -> float:
+        w = self.method.decode_attention_work(self.model, self.tp, num_seqs, kept)
         f = w.flops
         if self._qtile or self._ctas:
             rows = self._heads * num_seqs * max(1.0, self._qtile)
             f *= max(rows, self._ctas * self._qtile) / (self._heads * num_seqs)
-        t = max(f / self._attn_rate, w.bytes / self._attn_bw) + num_seqs * self._seq_ko
-        t += self._t(meth.decode_extra_work(m, tp, num_seqs, kept))
-        return m.num_layers * t
+        return max(f / self._attn_rate, w.bytes / self._attn_bw)
+
+    def mixed_skew_s(self, num_seqs: int, kept: int, max_kept: int) -> float:
+        """What unequal contexts add to the decode rows of a prefill call: ``attn_skew_mixed`` of the
+        gap between every row at the largest and every row at the mean context."""
+        hi = max_kept * num_seqs
+        if not self._skew_mixed or hi <= kept:
+            return 0.0
+        return self._skew_mixed * self.model.num_layers * (self._mixed_rows_s(num_seqs, hi) - self._mixed_rows_s(num_seqs, kept))
 
     def prefill_attention_time_s(self, chunks, with_decodes: bool = False) -> float:
         """Prefill chunks' attention; vLLM runs a step's attention as one call, so the call's fixed
@@ -410,17 +435,19 @@ class RooflineCost(CostModel):
     # -- the interface -----------------------------------------------------------------------------
     def step_time_s(self, shape: StepShape) -> float:
         if not shape.prefill_chunks:
-            return self.decode_step_time_s(shape.num_decode_seqs, shape.decode_kept_tokens)
+            return self.decode_step_time_s(shape.num_decode_seqs, shape.decode_kept_tokens, shape.decode_max_kept)
         dense = self.dense_time_s(shape.num_tokens, shape.num_logit_tokens)
-        return (dense + self.mixed_decode_attention_time_s(shape.num_decode_seqs, shape.decode_kept_tokens)
+        return (dense + self.mixed_decode_attention_time_s(shape.num_decode_seqs, shape.decode_kept_tokens,
+                                                           shape.decode_max_kept)
                 + self.prefill_attention_time_s(shape.prefill_chunks))
 
-    def decode_step_time_s(self, num_seqs: int, kept_tokens_sum: int) -> float:
+    def decode_step_time_s(self, num_seqs: int, kept_tokens_sum: int, max_kept: int = 0) -> float:
         c = self._decode_coef.get(num_seqs)
         if c is None:
             c = self._decode_coef[num_seqs] = self._decode_coefficients(num_seqs)
         if c is False:
-            return self._dense(num_seqs) + self.decode_attention_time_s(num_seqs, kept_tokens_sum)
+            return (self._dense(num_seqs) + self.decode_attention_time_s(num_seqs, kept_tokens_sum)
+                    + self.decode_skew_s(num_seqs, kept_tokens_sum, max_kept))
         # the same arithmetic as dense + decode_attention_time_s, pre-multiplied per batch size
         base, p0, p1, q0, q1, e = c
         t = base + max(p0 + p1 * kept_tokens_sum, q0 + q1 * kept_tokens_sum)
@@ -429,7 +456,26 @@ class RooflineCost(CostModel):
             g = e[2] + e[3] * kept_tokens_sum
             if f or g:
                 t += max(f, g) + e[4]
+        if self._skew_decode:
+            hi = max_kept * num_seqs
+            if hi > kept_tokens_sum:
+                t += self._skew_decode * (max(p0 + p1 * hi, q0 + q1 * hi)
+                                          - max(p0 + p1 * kept_tokens_sum, q0 + q1 * kept_tokens_sum))
         return t
+
+    def decode_skew_s(self, num_seqs: int, kept: int, max_kept: int) -> float:
+        """What unequal contexts add to a decode call: ``attn_skew_decode`` of the gap between the
+        batch with every decode at the largest and every decode at the mean kept count (the attention
+        kernel only: a method's extra work is costed on the kept-token sum)."""
+        hi = max_kept * num_seqs
+        if not self._skew_decode or hi <= kept:
+            return 0.0
+        return self._skew_decode * (self.decode_kernel_s(num_seqs, hi) - self.decode_kernel_s(num_seqs, kept))
+
+    def decode_kernel_s(self, num_seqs: int, kept: int) -> float:
+        """The decode attention kernel alone (no method extra work), all layers."""
+        m = self.model
+        return m.num_layers * self.attention_time_s(self.method.decode_attention_work(m, self.tp, num_seqs, kept), num_seqs)
 
     def _dense(self, B: int) -> float:
         dense = self._dense_cache.get(B)

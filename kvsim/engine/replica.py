@@ -90,8 +90,11 @@ class Replica:
         meth = self.method
         for seq, n in plan.scheduled:
             if n == 1 and seq.num_computed >= seq.prefill_base:
+                kept = meth.kept_tokens(seq.prefill_base, seq.num_computed + 1)
                 shape.num_decode_seqs += 1
-                shape.decode_kept_tokens += meth.kept_tokens(seq.prefill_base, seq.num_computed + 1)
+                shape.decode_kept_tokens += kept
+                if kept > shape.decode_max_kept:
+                    shape.decode_max_kept = kept
             else:
                 total = seq.num_computed + n
                 shape.prefill_chunks.append((n, total, total == seq.num_tokens))
@@ -124,26 +127,51 @@ class Replica:
         n_max = steps_to_finish
         if kv.paged and n_max > 1:
             n_max = self._steps_within_memory(seqs, kept0, growth, n_max)
-        # growth[i] = steps after the first during which sequence i's kept count still rises by one
-        stops = sorted(growth)
-        S = sum(kept0)
-        D = B - bisect_right(stops, 0)
-        si = bisect_right(stops, 0)
         decode_time = self.cost.decode_step_time_s
         t = now
         durations = []
         j = 0
-        while True:
-            dt = decode_time(B, S)
-            t += dt
-            durations.append(dt)
-            j += 1
-            if j >= n_max or t >= horizon_s:
-                break
-            S += D
-            while si < B and stops[si] <= j:
-                si += 1
+        S = sum(kept0)
+        if kv._keeps_all:
+            # every kept count rises by one a step through the whole stretch (n_max <= steps_to_finish)
+            M = max(kept0)
+            while True:
+                dt = decode_time(B, S, M)
+                t += dt
+                durations.append(dt)
+                j += 1
+                if j >= n_max or t >= horizon_s:
+                    break
+                S += B
+                M += 1
+        else:
+            # growth[i] = steps after the first during which sequence i's kept count still rises by one.
+            # The largest kept count at step j is max(capped: kept0 + growth, growing: kept0 + j), from
+            # prefix maxima (capped) and suffix maxima (growing) in growth order
+            order = sorted(range(B), key=growth.__getitem__)
+            stops = [growth[i] for i in order]
+            capped_max = [0] * (B + 1)
+            for n, i in enumerate(order):
+                capped_max[n + 1] = max(capped_max[n], kept0[i] + growth[i])
+            growing_max = [-(1 << 62)] * (B + 1)
+            for n in range(B - 1, -1, -1):
+                growing_max[n] = max(growing_max[n + 1], kept0[order[n]])
+            si = bisect_right(stops, 0)
             D = B - si
+            cm, gm = capped_max[si], growing_max[si]
+            while True:
+                dt = decode_time(B, S, max(cm, gm + j))
+                t += dt
+                durations.append(dt)
+                j += 1
+                if j >= n_max or t >= horizon_s:
+                    break
+                S += D
+                if si < B and stops[si] <= j:
+                    while si < B and stops[si] <= j:
+                        si += 1
+                    D = B - si
+                    cm, gm = capped_max[si], growing_max[si]
         self.num_ff_stretches += 1
         return PendingStep(now, t, plan, ff_steps=j, ff_durations=durations)
 

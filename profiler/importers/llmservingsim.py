@@ -27,10 +27,12 @@ Mapping:
                               kv_tokens = prefill_chunk + kv_prefill
     attention.decode.none     pure-decode rows (prefill_chunk = 0): batch_size = n_decode,
                               kv_tokens = kv_decode + 1 (the new token included)
+    decode_skew_alpha         skew.csv: least-squares alpha of t_skew - t_mean = alpha (t_max - t_mean),
+                              pure rows -> "decode", mixed rows -> "mixed" (not a table)
 
 Mixed rows (a prefill chunk and decodes in one call) have no schema table and are not imported;
-``skew.csv`` / ``skew_fit.csv`` neither. TP is emulated on one GPU by the source, so there is no
-communication in any file and ``comm.all_reduce`` is always absent. See ``docs/reference-data.md``.
+``skew_fit.csv`` (per-bucket alphas) is not read either. TP is emulated on one GPU by the source, so
+there is no communication in any file and ``comm.all_reduce`` is always absent. See ``docs/reference-data.md``.
 """
 
 from __future__ import annotations
@@ -110,6 +112,13 @@ KNOWN = {
     "0b0fb7a5436cb4bffba5e89397cf747064b1566e0053db4584c70d766d243b10": "profiler/perf/RTXPRO6000/Qwen/Qwen3-30B-A3B-Instruct-2507/bf16/tp2/attention.csv",
     "710f04261d67ec53639095cec91751c9a9dc1aa6f5b335c9decaee4802407633": "profiler/perf/RTXPRO6000/Qwen/Qwen3-30B-A3B-Instruct-2507/bf16/tp2/dense.csv",
     "ed094edb86909d5ceaf9c9a0c14c1711508ffb6211f92196a0536dc6c65de097": "profiler/perf/RTXPRO6000/Qwen/Qwen3-30B-A3B-Instruct-2507/bf16/tp2/per_sequence.csv",
+    "d7ee78f69aba661ad3f69ee5ebbc589e68f35690fb15e17d8cd84e5ac6fd29a0": "profiler/perf/RTX4090/meta-llama/Llama-3.1-8B/bf16/tp1/skew.csv",
+    "7cf6ec2e063655b6ab4079c928849d0ec9a9559bab0b643c98584196cca471a2": "profiler/perf/RTXPRO6000/meta-llama/Llama-3.1-8B/bf16/tp1/skew.csv",
+    "29c90e6c474c1e037906b9e1ecc2e0ce3e566864115707e773b637ac9ac6ebba": "profiler/perf/RTXPRO6000/meta-llama/Llama-3.1-8B/bf16/tp2/skew.csv",
+    "0307d051862e6a84d4ca3d44dcc8ff4eda172060e8289e2e3af96585ec48a2d8": "profiler/perf/RTXPRO6000/Qwen/Qwen3-32B/bf16/tp1/skew.csv",
+    "3e48068965831aa6dd3afeb48546081eb04f86e7a3c3d4d754812d02677c5817": "profiler/perf/RTXPRO6000/Qwen/Qwen3-32B/bf16/tp2/skew.csv",
+    "30500a2b8ea5b7124938dafe0529d846945a75a539b0b4f01f24c4ff42635fbb": "profiler/perf/RTXPRO6000/Qwen/Qwen3-30B-A3B-Instruct-2507/bf16/tp1/skew.csv",
+    "af6b46855538a46fa743620afdfefc62c62a0ccf7da60b9aea30ba67adac12b1": "profiler/perf/RTXPRO6000/Qwen/Qwen3-30B-A3B-Instruct-2507/bf16/tp2/skew.csv",
 }
 
 
@@ -374,6 +383,20 @@ def build_profile(root: Path, model: str, hardware: str, tp: int = 1, *, source_
     else:
         notes.append("no attention.csv: attention tables absent")
 
+    # ---- heterogeneous decode batches ---------------------------------------------------------------
+    skew_alpha = None
+    sk_path = tdir / "skew.csv"
+    if sk_path.is_file():
+        skew_alpha, skew_rows = skew_alphas(sk_path)
+        mapping["decode_skew_alpha"].append("skew.csv: sum(dtm dts) / sum(dtm^2) per regime (pure -> decode, mixed)")
+        notes.append(
+            f"decode_skew_alpha from skew.csv ({skew_rows['pure']} pure-decode and {skew_rows['mixed']} mixed "
+            f"batches whose decodes have two context lengths): for each regime, the least-squares alpha of "
+            f"t_skew - t_mean = alpha (t_max - t_mean) over all rows (dtm = t_max - t_mean, dts = t_skew - "
+            f"t_mean, alpha = sum(dtm dts) / sum(dtm^2)), the pooled form of the source's per-bucket "
+            f"skew_fit.csv; rows with t_max <= t_mean add nothing")
+        files.append(_rec(sk_path, perf))
+
     gpu = meta.get("gpu")
     notes.append("comm.all_reduce absent: the source emulates TP on one GPU (shapes divided by TP) and measures no "
                  "communication" if tp > 1 else "TP 1: no all-reduce, comm.all_reduce absent")
@@ -384,7 +407,7 @@ def build_profile(root: Path, model: str, hardware: str, tp: int = 1, *, source_
                  "profiled in eager mode while serving runs use CUDA graphs)")
     notes.append("step.sampler is vLLM's Sampler with greedy sampling (temperature 0) of one token per sequence")
 
-    return {
+    prof = {
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,
         "name": f"{hw}-{model}-tp{tp}-llmservingsim",
@@ -416,6 +439,31 @@ def build_profile(root: Path, model: str, hardware: str, tp: int = 1, *, source_
         },
         "tables": tables,
     }
+    if skew_alpha:
+        prof["decode_skew_alpha"] = skew_alpha
+    return prof
+
+
+def skew_alphas(path: Path) -> tuple[dict[str, float], dict[str, int]]:
+    """Least-squares alpha per regime of ``skew.csv`` (pure -> ``decode``, mixed -> ``mixed``), and the
+    row counts. A skewed batch costs ``t_mean + alpha (t_max - t_mean)``; pooling sums the way the
+    source fits each bucket of ``skew_fit.csv``, so large gaps (where the correction matters) weigh most."""
+    rows = _read_csv(path, ["regime", "t_mean_us", "t_max_us", "t_skew_us"])
+    acc = {"pure": [0.0, 0.0], "mixed": [0.0, 0.0]}
+    counts = {"pure": 0, "mixed": 0}
+    for line, r in rows:
+        reg = r["regime"]
+        if reg not in acc:
+            raise SourceDataError(f"{path}:{line}: regime {reg!r} is neither 'pure' nor 'mixed'")
+        tm, tx, ts = (num(r[k], path, line, k) for k in ("t_mean_us", "t_max_us", "t_skew_us"))
+        counts[reg] += 1
+        dtm = tx - tm
+        if dtm <= 0:
+            continue
+        acc[reg][0] += dtm * (ts - tm)
+        acc[reg][1] += dtm * dtm
+    out = {("decode" if reg == "pure" else "mixed"): round(num_ / den, 4) for reg, (num_, den) in acc.items() if den > 0}
+    return out, counts
 
 
 def _rec(path: Path, root: Path) -> dict:

@@ -352,7 +352,8 @@ def write_case(out: Path, eng, mcfg, spec, meta: dict, tiny: bool = False) -> di
             w.writerow([s.step, 0, _f(s.start_s - t0), _f(s.end_s - t0), _f((s.end_s - s.start_s) * 1e3, 4),
                         sum(c[0] for c in s.prefill_chunks), len(s.prefill_chunks), s.num_decode_seqs,
                         s.decode_kv_tokens, ";".join(f"{a}:{b}:{int(c)}" for a, b, c in s.prefill_chunks),
-                        s.num_preempted, _f(s.forward_ms, 4), s.num_running, s.num_waiting, s.kv_blocks_used])
+                        s.num_preempted, _f(s.forward_ms, 4), s.num_running, s.num_waiting, s.kv_blocks_used,
+                        s.decode_max_kv_tokens])
     cfg = meta["cfg"]
     device = meta["device"]
     if device.type == "cuda":

@@ -39,7 +39,7 @@ from profiler.replay.kvstore import Item, SeqKV
 
 STEP_COLUMNS = ["step", "replica", "start_s", "end_s", "duration_ms", "num_prefill_tokens", "num_prefill_seqs",
                 "num_decode_seqs", "decode_kv_tokens", "prefill_chunks", "num_preempted",
-                "forward_ms", "num_running", "num_waiting", "kv_blocks_used"]
+                "forward_ms", "num_running", "num_waiting", "kv_blocks_used", "decode_max_kv_tokens"]
 
 
 class ShapeLog:
@@ -55,7 +55,7 @@ class ShapeLog:
         self.last = shape
         return 0.0
 
-    def decode_step_time_s(self, num_seqs, kept):  # only called by fast-forward, which is off
+    def decode_step_time_s(self, num_seqs, kept, max_kept=0):  # only called by fast-forward, which is off
         raise AssertionError("kvprof replay runs with fast-forward off")
 
 
@@ -72,6 +72,7 @@ class StepRecord:
     num_running: int
     num_waiting: int
     kv_blocks_used: int
+    decode_max_kv_tokens: int = 0
 
 
 @dataclass
@@ -262,7 +263,7 @@ class ReplayEngine:
         self.steps.append(StepRecord(
             len(self.steps), start, t_end, (f1 - f0) * 1e3, shape.num_decode_seqs, shape.decode_kept_tokens,
             list(shape.prefill_chunks), len(plan.preempted), len(plan.scheduled), len(self.sched.waiting),
-            self.kv.pool.num_used))
+            self.kv.pool.num_used, shape.decode_max_kept))
         if self.progress is not None and finished:
             self.progress.update(len(finished))
         return t_end
