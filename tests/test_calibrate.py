@@ -130,8 +130,9 @@ def test_calibrating_the_imported_profiles_beats_the_generic_defaults():
 def test_a_machine_collective_figure_replaces_the_fitted_nvlink_efficiency():
     """RTX PRO 6000 (PCIe, its machine's figure C = 17.18 GB/s, c = 20 us per ring step): a 2-GPU ring
     all-reduce of S bytes is 2 steps of S/2, 2 (c + S / (2 C)), whatever eff_comm says; the EP token
-    exchange (all-gather + reduce-scatter of T h b a rank over 2 ranks) is 2 (c + T h b / C). Hardware
-    without a figure keeps allreduce_latency_s + 2 (p-1)/p S / (X eff_comm)."""
+    exchange over 2 ranks (vLLM's all-gather of T (h + E) b, hidden states and router logits, and
+    reduce-scatter of T h b a rank) is 2 c + T (2h + E) b / C. Hardware without a figure keeps
+    allreduce_latency_s + 2 (p-1)/p S / (X eff_comm)."""
     p = RooflineParams(eff_comm=0.5, allreduce_latency_s=1e-3)
     q32 = RooflineCost(load_model("qwen3-32b"), load_hardware("rtx-pro-6000"), NoCompression(), 2, p)
     S = 128 * 5120 * 2
@@ -141,8 +142,41 @@ def test_a_machine_collective_figure_replaces_the_fitted_nvlink_efficiency():
     assert q32.allreduce_time_s(128) == pytest.approx(2 * one)  # two per layer
     moe = RooflineCost(load_model("qwen3-30b-a3b"), load_hardware("rtx-pro-6000"), NoCompression(), 1, p,
                        expert_parallel_size=2)
-    assert moe.alltoall_time_s(64) == pytest.approx(2 * (20e-6 + 64 * 2048 * 2 / 17.18e9))
+    assert moe.alltoall_time_s(64) == pytest.approx(2 * 20e-6 + 64 * (2 * 2048 + 128) * 2 / 17.18e9)
     assert moe.allreduce_time_s(64) == 0.0  # TP 1
     a100 = RooflineCost(load_model("qwen3-32b"), load_hardware("a100"), NoCompression(), 2, p)
     assert a100.collective_time_s(S, 2) == pytest.approx(1e-3 + S / (300e9 * 0.5))
     assert a100.collective_time_s(S, 4) == pytest.approx(1e-3 + 1.5 * S / (300e9 * 0.5))
+
+
+def test_expert_parallel_moe_follows_the_groups_gathered_tokens():
+    """vLLM 0.19's allgather_reducescatter backend: a rank's experts run over the N tokens gathered from
+    its group, the exchange is sized by the largest share S. A rank's own step assumes every rank carries
+    its T (N = ep T). Roofline: the pairs of N / ep tokens over the local experts N tokens touch; the
+    profile: linear.moe_by_experts at (N / ep, (E / ep)(1 - (1 - k/E)^N)), here by hand."""
+    from kvsim.cost.profile import load_profile
+    from kvsim.cost.profiled import ProfiledCost
+    from pathlib import Path
+
+    m, hw = load_model("qwen3-30b-a3b"), load_hardware("rtx-pro-6000")
+    roof = RooflineCost(m, hw, NoCompression(), 1, R.calibrated_params(hw.name), expert_parallel_size=2)
+    prof = ProfiledCost(load_profile(Path(__file__).parent.parent / "profiles/imported/rtx-pro-6000__qwen3-30b-a3b__tp1.json"), roof)
+    L = m.num_layers
+    for c in (roof, prof):
+        for T in (1, 30, 256, 2048):
+            assert c.moe_time_s(T) == pytest.approx(c.moe_group_time_s(2 * T, T))
+        assert c.moe_group_time_s(0, 0) == 0.0
+        # an eager step: 2048 prefill tokens on one rank, 56 on the other: less expert work than 2 x 2048
+        assert c.moe_group_time_s(2104, 2048) < c.moe_time_s(2048)
+        assert c.moe_group_time_s(2104, 2048) - c.moe_group_time_s(2104, 56) == pytest.approx(
+            L * (roof.alltoall_time_s(2048) - roof.alltoall_time_s(56)))
+    # roofline compute: one layer's work at N = 2104 is that of 1052 tokens a rank, local experts of 2104
+    w = roof.moe_work(2104)
+    assert w.flops == pytest.approx(6 * 1052 * 8 * 2048 * 768 + 2 * 1052 * 2048 * 128)
+    local = 64 * (1 - (1 - 8 / 128) ** 2104)
+    assert w.bytes == pytest.approx(2 * (local * 3 * 2048 * 768 + 2048 * 128 + 2 * 1052 * 2048 + 3 * 1052 * 8 * 768))
+    # profile: tokens 1052 between the grid's 1024 and 2048, experts 64 (all local ones touched): log-log
+    tab = prof.profile.tables["linear.moe_by_experts"]
+    lo, hi = tab.lookup_at(1024, 64), tab.lookup_at(2048, 64)
+    want = math.exp(math.log(lo) + math.log(1052 / 1024) / math.log(2) * (math.log(hi) - math.log(lo)))
+    assert prof.moe_group_time_s(2104, 2048) == pytest.approx(L * (want + roof.alltoall_time_s(2048)))

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 from kvsim import api
+from kvsim.engine.cluster import cudagraph_capture_sizes, dp_token_counts
 from kvsim.engine.sim import Simulation
 
 from conftest import TINY, FakeCost, examples, make_engine, make_request, run_sim, small_config
@@ -18,14 +19,23 @@ from test_fast_forward import requests, scenarios
 
 
 class FakeMoECost(FakeCost):
-    """FakeCost plus moe(T) = 1/32 + T/512 s for T > 0 (0 for T = 0), dyadic so clocks stay exact."""
+    """FakeCost plus a two-rank group's MoE: moe_group(N, S) = 1/32 + N/1024 + S/1024 s (N tokens gathered
+    from the group, S the largest share; 0 for N = 0), and a rank's own moe(T) = moe_group(2T, T); dyadic
+    so clocks stay exact."""
 
     @staticmethod
-    def moe_exact(T: int) -> Fraction:
-        return Fraction(1, 32) + Fraction(T, 512) if T else Fraction(0)
+    def group_exact(N: int, S: int) -> Fraction:
+        return Fraction(1, 32) + Fraction(N, 1024) + Fraction(S, 1024) if N else Fraction(0)
+
+    @classmethod
+    def moe_exact(cls, T: int) -> Fraction:
+        return cls.group_exact(2 * T, T)
 
     def moe_time_s(self, num_tokens: int) -> float:
         return float(self.moe_exact(num_tokens))
+
+    def moe_group_time_s(self, gathered_tokens: int, largest_share: int) -> float:
+        return float(self.group_exact(gathered_tokens, largest_share))
 
 
 def lockstep_pair(**kw):
@@ -39,21 +49,26 @@ def lockstep_pair(**kw):
 
 
 def test_two_rank_lockstep_exact_event_log():
-    """Rank 0 gets A (prompt 16, 2 tokens), rank 1 gets B (prompt 8, 3 tokens), both at t = 0.
-    Group step = max over ranks of (own + moe(T_max) - moe(T_rank)); an idle rank waits moe(T_max)."""
+    """Rank 0 gets A (prompt 16, 2 tokens), rank 1 gets B (prompt 8, 3 tokens), both at t = 0. Capture sizes
+    (max_num_seqs 8, max_num_batched_tokens 64): 1, 2, 4, 8, 16. Group step = max over ranks of
+    (own - moe(T_rank) + moe_group(N, S)); an idle rank runs a 1-token dummy batch and waits moe_group."""
     e0, e1 = lockstep_pair()
-    moe, step = FakeMoECost.moe_exact, FakeCost.exact
+    moe, group, step = FakeMoECost.moe_exact, FakeMoECost.group_exact, FakeCost.exact
     run_sim([e0, e1], [make_request("A", 0.0, 16, 2), make_request("B", 0.0, 8, 3)],
             router="least-outstanding-tokens")
-    # step 1 at 0: rank 0 prefills 16 (own 1/64 + 16/1024 = 32/1024), rank 1 prefills 8 (own 24/1024) and
-    # pads its MoE layers to 16 tokens: 24/1024 + moe(16) - moe(8) = 40/1024; both end at 40/1024
-    t1 = max(step(16), step(8) + moe(16) - moe(8))
-    assert t1 == Fraction(40, 1024)
-    # step 2: both decode one token (T = 1 each): A attends 17 KV tokens, B 9; A finishes
+    # step 1 at 0: rank 0 prefills 16, rank 1 prefills 8; both fit a CUDA graph, so both run 16 tokens:
+    # N = 32, S = 16, moe_group = 32/1024 + 32/1024 + 16/1024 = 80/1024. Rank 0: own 32/1024, its own
+    # moe(16) = 80/1024, ends at 32/1024; rank 1: own 24/1024 - moe(8) 56/1024 + 80/1024 = 48/1024
+    assert group(32, 16) == moe(16) == Fraction(80, 1024) and moe(8) == Fraction(56, 1024)
+    t1 = max(step(16) - moe(16) + group(32, 16), step(8) - moe(8) + group(32, 16))
+    assert t1 == Fraction(48, 1024)
+    # step 2: both decode one token (T = 1 each, graph size 1: N = 2, S = 1, = each rank's own moe(1));
+    # A attends 17 KV tokens, B 9; A finishes
+    assert group(2, 1) == moe(1)
     t2 = t1 + max(step(1, 17), step(1, 9))
-    # step 3: rank 0 is idle and runs a dummy batch (moe(1) = 17/512), rank 1 decodes B over 10 KV tokens
-    assert moe(1) > step(1, 10)
-    t3 = t2 + moe(1)
+    # step 3: rank 0 is idle (dummy batch of 1 token), rank 1 decodes B over 10 KV tokens: N = 2, S = 1
+    assert group(2, 1) == Fraction(35, 1024) > step(1, 10)
+    t3 = t2 + group(2, 1)
     rows = {r["request_id"]: r for r in e0.rec.rows}
     assert rows["A"]["first_token_time_s"] == rows["B"]["first_token_time_s"] == float(t1)
     assert rows["A"]["finish_time_s"] == float(t2)
@@ -67,6 +82,44 @@ def test_two_rank_lockstep_exact_event_log():
     assert e0.rec.num_steps == 5
     for e in (e0, e1):
         assert e.pool.num_free == e.pool.num_blocks and e.replica.outstanding_tokens == 0
+
+
+@pytest.mark.parametrize("prompt_a, first_token", [
+    # rank 0 prefills 16 (graph size 16), rank 1 prefills 3 (graph size 4): both graphs, so both are padded
+    # to 16: N = 32, S = 16, moe_group = 80/1024. Rank 0: 32/1024 - moe(16) 80/1024 + 80/1024 = 32/1024;
+    # rank 1: own 19/1024 - moe(3) 41/1024 + 80/1024 = 58/1024
+    (16, Fraction(58, 1024)),
+    # rank 0 prefills 17, above the largest capture size (16): the step runs eager and unpadded, rank 1
+    # keeps its graph size 4: N = 21, S = 17, moe_group = 32/1024 + 21/1024 + 17/1024 = 70/1024. Rank 0:
+    # own 33/1024 - moe(17) 83/1024 + 70/1024 = 20/1024; rank 1: 19/1024 - 41/1024 + 70/1024 = 48/1024
+    (17, Fraction(48, 1024)),
+])
+def test_dp_padding_in_cuda_graph_steps_only(prompt_a, first_token):
+    """vLLM pads the ranks to the largest graph size only when every rank runs a CUDA graph: one more
+    prompt token on rank 0 makes the group's step shorter, because rank 1 is no longer padded to it."""
+    e0, e1 = lockstep_pair()
+    run_sim([e0, e1], [make_request("A", 0.0, prompt_a, 1), make_request("B", 0.0, 3, 1)])
+    rows = {r["request_id"]: r for r in e0.rec.rows}
+    assert [rows[k]["replica"] for k in "AB"] == [0, 1]
+    for k in "AB":
+        assert rows[k]["first_token_time_s"] == rows[k]["finish_time_s"] == float(first_token)
+
+
+def test_vllm_capture_sizes_and_dp_token_counts_by_hand():
+    """vLLM 0.19 defaults (VllmConfig._set_cudagraph_sizes) and DP sizing (coordinate_batch_across_dp)."""
+    s128 = cudagraph_capture_sizes(128, 2048)  # the DP2/EP2 case: largest min(256, 512, 2048) = 256
+    assert s128 == [1, 2, 4] + list(range(8, 256, 8)) + [256] and len(s128) == 35
+    assert cudagraph_capture_sizes(256, 8192)[-18:] == [248] + list(range(256, 513, 16))
+    assert cudagraph_capture_sizes(8, 64) == [1, 2, 4, 8, 16]
+    assert cudagraph_capture_sizes(1, 2048) == [1, 2]
+    assert cudagraph_capture_sizes(128, 100) == [1, 2, 4] + list(range(8, 97, 8))
+    assert dp_token_counts([30, 2], s128) == [32, 32]        # graphs: all padded to the largest graph size
+    assert dp_token_counts([256, 1], s128) == [256, 256]
+    assert dp_token_counts([1, 1], s128) == [1, 1]
+    assert dp_token_counts([2048, 50], s128) == [2048, 56]   # eager: each keeps its own (graph-sized) count
+    assert dp_token_counts([257, 1], s128) == [257, 1]
+    assert dp_token_counts([300, 700], s128) == [300, 700]
+    assert dp_token_counts([30, 2], []) == [30, 2]           # no CUDA graphs: never padded
 
 
 def test_independent_ranks_do_not_wait_for_each_other():
@@ -85,19 +138,20 @@ def test_a_request_arriving_mid_step_joins_the_next_group_step_on_the_rank_vllm_
     pick between 100 ms snapshots): A -> rank 0 (0 vs 0), B -> rank 1 (4 vs 0), C at 1/64 s -> rank 0
     (4 vs 4, no new snapshot yet), although rank 0 holds more tokens (A: 16 + 2 against B: 8 + 3)."""
     e0, e1 = lockstep_pair()
-    moe, step = FakeMoECost.moe_exact, FakeCost.exact
+    moe, group, step = FakeMoECost.moe_exact, FakeMoECost.group_exact, FakeCost.exact
     run_sim([e0, e1], [make_request("A", 0.0, 16, 2), make_request("B", 0.0, 8, 3),
                        make_request("C", 2.0 ** -6, 4, 1)], router="least-outstanding-tokens")
     rows = {r["request_id"]: r for r in e0.rec.rows}
     assert [rows[k]["replica"] for k in "ABC"] == [0, 1, 0]
-    t1 = Fraction(40, 1024)
-    # step 2: rank 0 decodes A (KV 17) and prefills C (T = 5); rank 1 decodes B (KV 9, T = 1) padded to 5
-    t2 = t1 + max(step(5, 17), step(1, 9) + moe(5) - moe(1))
-    assert t2 - t1 == Fraction(409, 16384)  # rank 1's padded step is the longer
+    t1 = Fraction(48, 1024)
+    # step 2: rank 0 decodes A (KV 17) and prefills C (T = 5, graph size 8); rank 1 decodes B (KV 9, T = 1)
+    # padded to 8: N = 16, S = 8
+    t2 = t1 + max(step(5, 17) - moe(5) + group(16, 8), step(1, 9) - moe(1) + group(16, 8))
+    assert t2 - t1 == Fraction(617, 16384)  # rank 1's padded step is the longer
     assert rows["C"]["first_token_time_s"] == rows["C"]["finish_time_s"] == float(t2)
     assert rows["A"]["finish_time_s"] == float(t2)
-    # step 3: rank 0 is idle (dummy batch, moe(1)); rank 1 decodes B's last token
-    assert rows["B"]["finish_time_s"] == float(t2 + max(step(1, 10), moe(1)))
+    # step 3: rank 0 is idle (dummy batch of 1 token); rank 1 decodes B's last token: N = 2, S = 1
+    assert rows["B"]["finish_time_s"] == float(t2 + max(step(1, 10), group(2, 1)))
 
 
 def test_group_ranks_must_not_fast_forward():
@@ -117,6 +171,7 @@ def test_build_replicas_groups_moe_expert_parallel_ranks_only():
     assert [r.lockstep_group for r in reps] == [0, 0, 1, 1]
     assert not any(r.fast_forward for r in reps)
     assert reps[0].cost.moe_time_s(8) > 0
+    assert reps[0].cost.moe_time_s(8) == reps[0].cost.moe_group_time_s(16, 8)
     # dense model with DP, or MoE without expert parallelism: independent replicas, as before
     dense = api.make_spec(TINY, "h100", None, cfg, auto_profile=False)
     assert [r.lockstep_group for r in api.build_replicas(dense, None)] == [None] * 4

@@ -46,9 +46,19 @@ class CostModel(ABC):
         return self.step_time_s(StepShape(num_seqs, kept_tokens_sum, [], max_kept))
 
     def moe_time_s(self, num_tokens: int) -> float:
-        """Time of a step's MoE blocks (all layers, expert exchange included) over ``num_tokens``
-        tokens; 0 for a dense model. Expert-parallel ranks that step together each pay this for the
-        largest token count among them (kvsim.engine.sim, lockstep groups)."""
+        """The MoE part (all layers, expert exchange included) of ``step_time_s`` for a step of
+        ``num_tokens`` new tokens; 0 for a dense model. With expert parallelism a rank's own step is
+        costed as if every rank of its group carried the same count:
+        ``moe_time_s(T) == moe_group_time_s(ep * T, T)``."""
+        return 0.0
+
+    def moe_group_time_s(self, gathered_tokens: int, largest_share: int) -> float:
+        """One expert-parallel rank's MoE blocks (all layers) in a step where the group's ranks carry
+        ``gathered_tokens`` tokens in all and the largest of them ``largest_share``. vLLM 0.19's default
+        ``allgather_reducescatter`` backend all-gathers every rank's tokens (and router logits) before
+        each MoE layer, runs the rank's local experts over the whole gathered batch, and reduce-scatters
+        the outputs, so the expert compute follows the group's total and the exchange its largest share
+        (kvsim.engine.sim, lockstep groups). 0 for a dense model."""
         return 0.0
 
     def breakdown(self, shape: StepShape) -> dict[str, float]:

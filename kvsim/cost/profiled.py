@@ -157,7 +157,7 @@ class ProfiledCost(CostModel):
         for op in self.LINEAR:
             tab = self._linear[op]
             if op == "mlp" and self._moe_by_experts is not None:
-                v = self._moe_rank_time(T)
+                v = self._moe_rank_time(T * roof.ep)
             else:
                 v = tab.lookup_at(T) if tab is not None else None
             if v is None:
@@ -187,27 +187,35 @@ class ProfiledCost(CostModel):
     def moe_time_s(self, T: int) -> float:
         if not self.model.is_moe or T == 0:
             return 0.0
+        return self.moe_group_time_s(T * self.roof.ep, T)
+
+    def moe_group_time_s(self, gathered_tokens: int, largest_share: int) -> float:
+        if not self.model.is_moe or gathered_tokens == 0:
+            return 0.0
         roof = self.roof
         v = None
         if self._moe_by_experts is not None:
-            v = self._moe_rank_time(T)
+            v = self._moe_rank_time(gathered_tokens)
         elif self._linear["mlp"] is not None:
-            v = self._linear["mlp"].lookup_at(T)
+            v = self._linear["mlp"].lookup_at(gathered_tokens / roof.ep)
         if v is None:
-            v = roof.linear_time_s("mlp", T)
-        return self.model.num_layers * (v + roof.alltoall_time_s(T))
+            v = roof.moe_compute_time_s(gathered_tokens)
+        return self.model.num_layers * (v + roof.alltoall_time_s(largest_share))
 
-    def _moe_rank_time(self, T: int):
-        """One expert-parallel rank's MoE block: T x top_k token-expert pairs (its share of the group's
-        when every rank carries T tokens) over the local experts the group's ep x T tokens touch,
-        looked up in the profile's (tokens, activated experts) grid; None outside it."""
+    def _moe_rank_time(self, gathered: float):
+        """One expert-parallel rank's MoE block over the ``gathered`` tokens of its group (vLLM 0.19's
+        all-gather dispatch; ``RooflineCost`` docstring): the gathered x top_k / ep token-expert pairs
+        that land on its E / ep experts, i.e. those of gathered / ep tokens, over the local experts the
+        gathered tokens touch, looked up in the profile's (tokens, activated experts) grid; None outside
+        it. The grid times one GPU holding all E experts, so the element-wise kernels that vLLM runs
+        over every gathered pair (activation, ``moe_sum``) are charged for the local pairs only."""
         m, ep = self.model, self.roof.ep
         E, k = m.num_experts, m.num_experts_per_tok
-        local = (E / ep) * (1.0 - (1.0 - k / E) ** (T * ep))
+        local = (E / ep) * (1.0 - (1.0 - k / E) ** gathered)
         tab = self._moe_by_experts
         ax = tab.axes["activated_experts"]
         # the grid's smallest expert count is top_k: fewer distinct local experts cost no less than that
-        return tab.lookup_at(T, min(max(local, ax[0]), ax[-1]))
+        return tab.lookup_at(gathered / ep, min(max(local, ax[0]), ax[-1]))
 
     def _decode_table_s(self, B: int, kept: int):
         """The measured decode attention of B sequences at kept / B tokens each, None off the grid."""

@@ -38,11 +38,19 @@ weight/activation element:
 - O (GEMM, 1):          F 2 T q h / p;       B b (q h / p + T q / p + T h)
 - MLP (gated; GEMM, 3: gate_up, activation, down): F 6 T h i / p; B b (3 h i / p + T h + 3 T i / p)
 - MoE (GEMM, 6: router, top-k, align, two grouped GEMMs, activation) with E experts of width i_e, top-k
-  routing and ``e`` expert-parallel ranks: every rank is assumed to carry the same T tokens, so a rank
-  computes T k token-expert pairs (F 6 T k h i_e / p + router 2 T h E) and reads the weights of the
-  distinct local experts the group's e T tokens touch, (E / e) (1 - (1 - k/E)^(e T)) in expectation;
-  with e > 1 each MoE layer also all-gathers the tokens and reduce-scatters the outputs among the
-  ranks: 2 (allreduce_latency_s + (e-1) T h b / (X eff_comm)), or 2 (e-1) (c + T h b / C)
+  routing and ``e`` expert-parallel ranks. vLLM 0.19's default EP backend, ``allgather_reducescatter``
+  (``vllm/config/parallel.py`` ``ParallelConfig.all2all_backend``; ``AgRsAll2AllManager`` in
+  ``vllm/distributed/device_communicators/all2all.py``), all-gathers the hidden states and router logits
+  of all ranks before each MoE layer, runs the rank's E / e local experts over the gathered N tokens
+  (``expert_map``: pairs routed elsewhere are skipped) and reduce-scatters the outputs. A rank thus
+  computes N k / e token-expert pairs in expectation, i.e. the pairs of T' = N / e tokens
+  (F 6 T' k h i_e / p + router 2 T' h E), and reads the weights of the distinct local experts the N
+  tokens touch, (E / e) (1 - (1 - k/E)^N) (``moe_compute_time_s``). A rank's own step assumes every rank
+  carries its T (N = e T); a lockstep group charges the group's actual N (``moe_group_time_s``,
+  kvsim.engine.sim). The exchange of a layer whose largest per-rank share is S tokens: an all-gather of
+  S (h + E) b and a reduce-scatter of S h b bytes a rank, (e-1) (c + S (h + E) b / C) + (e-1) (c + S h b / C)
+  with the machine's figure (the ring; exact for 2 ranks, whose two shares cross the link at once),
+  else 2 allreduce_latency_s + (e-1) S (2h + E) b / (X eff_comm)
 - other (element-wise, 4 kernels: 2 fused add+RMSNorm, rotary, the rest): B T (8 h + 2 (q + 2k)) b
 - attention: from the compression method (``Method.prefill_attention_work`` /
   ``decode_attention_work`` and the ``*_extra_work`` hooks), so each method's kernel path is costed.
@@ -268,16 +276,29 @@ class RooflineCost(CostModel):
             "other": Work(0.0, T * (8.0 * h + 2.0 * (q + 2 * k)) * b),
         }
         if m.is_moe:
-            E, topk, ie, ep = m.num_experts, m.num_experts_per_tok, m.moe_intermediate_size, self.ep
-            experts_here = (E / ep) * (1.0 - (1.0 - topk / E) ** (T * ep))
-            flops = 6.0 * T * topk * h * ie / p + 2.0 * T * h * E
-            shared = m.num_shared_experts * 3 * h * ie
-            works["mlp"] = Work(flops + 6.0 * T * h * m.num_shared_experts * ie / p,
-                                b * (experts_here * 3 * h * ie / p + shared / p + h * E + 2 * T * h + 3 * T * topk * ie / p))
+            works["mlp"] = self.moe_work(T * self.ep)
         else:
             i = m.intermediate_size
             works["mlp"] = Work(6.0 * T * h * i / p, b * (3 * h * i / p + T * h + 3 * T * i / p))
         return works
+
+    def moe_work(self, gathered: float) -> Work:
+        """One rank's MoE block (one layer) over the ``gathered`` tokens of its expert-parallel group
+        (module docstring): the token-expert pairs of T' = gathered / ep tokens over the local experts
+        the gathered tokens touch."""
+        m, p, b = self.model, self.tp, self.model.dtype_bytes
+        h, E, topk, ie, ep = m.hidden_size, m.num_experts, m.num_experts_per_tok, m.moe_intermediate_size, self.ep
+        T = gathered / ep
+        experts_here = (E / ep) * (1.0 - (1.0 - topk / E) ** gathered)
+        flops = 6.0 * T * topk * h * ie / p + 2.0 * T * h * E
+        shared = m.num_shared_experts * 3 * h * ie
+        return Work(flops + 6.0 * T * h * m.num_shared_experts * ie / p,
+                    b * (experts_here * 3 * h * ie / p + shared / p + h * E + 2 * T * h + 3 * T * topk * ie / p))
+
+    def moe_compute_time_s(self, gathered: float) -> float:
+        """One layer's MoE block on one expert-parallel rank over the group's ``gathered`` tokens
+        (``linear_time_s("mlp", T)`` is this at gathered = ep T)."""
+        return self.gemm_time_s(self.moe_work(gathered), gathered / self.ep, KERNELS["moe"])
 
     def linear_time_s(self, op: str, T: int, works: dict | None = None) -> float:
         """Time of one per-layer linear operation (``qkv``, ``o``, ``mlp`` or ``other``) over T tokens."""
@@ -294,19 +315,28 @@ class RooflineCost(CostModel):
         return 2.0 * self.collective_time_s(T * self.model.hidden_size * self.model.dtype_bytes, self.tp)
 
     def alltoall_time_s(self, T: int) -> float:
-        """Expert-parallel token exchange of one MoE layer: all-gather in, reduce-scatter out."""
+        """Expert-parallel token exchange of one MoE layer whose largest per-rank share is T tokens:
+        all-gather of hidden states and router logits in, reduce-scatter of the outputs out (vLLM 0.19
+        ``AgRsAll2AllManager.dispatch_router_logits`` / ``combine``)."""
         if self.ep <= 1 or not self.model.is_moe or T == 0:
             return 0.0
-        per_rank = T * self.model.hidden_size * self.model.dtype_bytes
+        m = self.model
+        gather = T * (m.hidden_size + m.num_experts) * m.dtype_bytes
+        scatter = T * m.hidden_size * m.dtype_bytes
         if self._step_bw:
             # ring all-gather and reduce-scatter: p-1 steps of one rank's share each
-            return 2.0 * (self.ep - 1) * (self._step_lat + per_rank / self._step_bw)
-        return 2.0 * (self.params.allreduce_latency_s + (self.ep - 1) * per_rank / self._link)
+            return (self.ep - 1) * (2.0 * self._step_lat + (gather + scatter) / self._step_bw)
+        return 2.0 * self.params.allreduce_latency_s + (self.ep - 1) * (gather + scatter) / self._link
 
     def moe_time_s(self, T: int) -> float:
         if not self.model.is_moe or T == 0:
             return 0.0
         return self.model.num_layers * (self.linear_time_s("mlp", T) + self.alltoall_time_s(T))
+
+    def moe_group_time_s(self, gathered_tokens: int, largest_share: int) -> float:
+        if not self.model.is_moe or gathered_tokens == 0:
+            return 0.0
+        return self.model.num_layers * (self.moe_compute_time_s(gathered_tokens) + self.alltoall_time_s(largest_share))
 
     def lm_head_work(self, rows: int) -> Work:
         m, b = self.model, self.model.dtype_bytes

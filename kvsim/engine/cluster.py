@@ -7,11 +7,15 @@ the rank inside a lockstep group (``kvsim.engine.sim``) and is offered as the ro
 (waiting, running) counts it reads change at step starts (admission) too, but a fast-forwarded stretch
 admits nobody and completes requests only at its end, as stepping would, so its decisions do not depend
 on fast-forwarding either.
+
+:func:`cudagraph_capture_sizes` and :func:`dp_token_counts` are how vLLM 0.19 sizes the forward of each
+data-parallel rank of a lockstep group (used by ``kvsim.engine.sim``, ``Simulation._group``).
 """
 
 from __future__ import annotations
 
 import math
+from bisect import bisect_left
 
 from kvsim.engine.replica import Replica
 
@@ -45,6 +49,45 @@ def request_counts(unit) -> tuple[int, int]:
         waiting += len(r.scheduler.waiting)
         running += len(r.scheduler.running)
     return waiting, running
+
+
+def cudagraph_capture_sizes(max_num_seqs: int, max_num_batched_tokens: int) -> list[int]:
+    """vLLM 0.19's default CUDA-graph capture sizes (``vllm/config/vllm.py``,
+    ``VllmConfig._set_cudagraph_sizes``, CUDA graphs on, no speculative decoding, performance mode
+    "balanced"): the largest is ``min(2 max_num_seqs, 512, max_num_batched_tokens)``; the sizes are
+    1, 2, 4, then multiples of 8 below 256, then multiples of 16 from 256, up to that largest.
+    E.g. max_num_seqs 128, max_num_batched_tokens 2048: 1, 2, 4, 8, 16, ..., 248, 256."""
+    top = min(2 * max_num_seqs, 512, max_num_batched_tokens)
+    sizes = [i for i in (1, 2, 4) if i <= top]
+    if top >= 8:
+        sizes += list(range(8, min(top + 1, 256), 8))
+    if top >= 256:
+        sizes += list(range(256, top + 1, 16))
+    return sorted(set(sizes))
+
+
+def dp_token_counts(tokens: list[int], capture_sizes: list[int]) -> list[int]:
+    """The token count each data-parallel rank's forward runs with in one lockstep step, as vLLM 0.19
+    decides it (``vllm/v1/worker/gpu_model_runner.py`` ``_determine_batch_execution_and_padding``,
+    ``vllm/v1/worker/dp_utils.py`` ``coordinate_batch_across_dp``). ``tokens``: each rank's scheduled
+    tokens, an idle rank counted as its dummy batch of 1 token (``gpu_worker.py``
+    ``execute_dummy_batch`` -> ``_dummy_run(1, uniform_decode=True)``).
+
+    - Each rank first pads its count to the smallest capture size >= it when a CUDA graph covers it
+      (``CudagraphDispatcher.dispatch``: none above ``max_cudagraph_capture_size``; every capture size
+      has a piecewise graph, so a mixed prefill + decode batch qualifies too), else runs eager unpadded.
+    - The ranks all-reduce (count, padded count, cudagraph mode); the synced mode is the minimum over
+      ranks, and only when it is not NONE (every rank runs a graph) is every rank padded to the largest
+      padded count (``_post_process_dp_padding``). Otherwise each rank keeps its own (padded) count and
+      the whole step runs eager.
+    """
+    if not capture_sizes:
+        return list(tokens)
+    top = capture_sizes[-1]
+    padded = [capture_sizes[bisect_left(capture_sizes, t)] if 0 < t <= top else t for t in tokens]
+    if all(0 < t <= top for t in tokens):
+        return [max(padded)] * len(tokens)
+    return padded
 
 
 class VllmDPBalancer:

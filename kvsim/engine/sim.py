@@ -6,10 +6,16 @@ Lockstep groups (a MoE model served with expert parallelism across data-parallel
 ``enable_expert_parallel`` with ``data_parallel_size > 1``): every MoE layer is a collective across the
 ranks, so they step together. Replicas sharing a ``lockstep_group`` id run in one process: every step all
 ranks ``begin`` at the same time (single steps: their fast-forward is off), the step lasts
-``max over ranks of (own step time + moe(T_max) - moe(T_rank))`` (``cost.moe_time_s``; ``T_rank`` is the
-rank's new tokens, ``T_max`` the group's largest; an idle rank has T = 0 and runs a dummy batch, i.e.
-still waits; vLLM 0.19's dummy run is a whole forward padded to T_max, never longer than the busy rank's
-step, so only its MoE part is charged), and every rank commits at that common end. The router picks a group (or a standalone
+``max over ranks of (own step time - moe(T_rank) + moe_group(N, S))`` and every rank commits at that
+common end. ``moe(T) = cost.moe_time_s(T)`` is the MoE part of a rank's own step (costed as if every rank
+carried its T new tokens); ``moe_group(N, S) = cost.moe_group_time_s(N, S)`` is what vLLM 0.19 runs: with
+its default ``allgather_reducescatter`` backend each rank's experts process the tokens all-gathered from
+every rank, N in all, and the exchange is sized by the largest share S. The ranks' counts are as vLLM
+sizes them (``kvsim.engine.cluster.dp_token_counts``): when every rank's count fits a CUDA graph (at most
+the largest capture size, 256 for max_num_seqs 128) all are padded to the largest one's graph size;
+otherwise (a prefill chunk above it) the step runs eager and each rank keeps its own count. An idle rank
+runs vLLM's dummy batch (1 token, padded like the others): a whole forward no longer than a busy rank's,
+so only the group's MoE time is charged for it (a bound only). The router picks a group (or a standalone
 replica) as it picks replicas, seeing the group's summed load; the group then picks its rank as vLLM's
 DP front end does (``kvsim.engine.cluster.VllmDPBalancer``: lowest 4 x waiting + running).
 
@@ -51,6 +57,25 @@ class LockstepGroup:
         self.gid = gid
         self.id = min(r.id for r in ranks)
         self.balancer = VllmDPBalancer()
+        self._capture_sizes = None
+
+    @property
+    def capture_sizes(self) -> list[int]:
+        """vLLM's default CUDA-graph capture sizes for the ranks' scheduler limits (CUDA graphs on)."""
+        if self._capture_sizes is None:
+            from kvsim.engine.cluster import cudagraph_capture_sizes
+
+            s = self.ranks[0].scheduler
+            self._capture_sizes = cudagraph_capture_sizes(s.max_num_seqs, s.max_num_batched_tokens)
+        return self._capture_sizes
+
+    def moe_tokens(self, tokens: list[int]) -> tuple[int, int]:
+        """(N, S): the tokens the ranks' forwards carry in all and the largest, given each rank's new
+        tokens (0: idle, running vLLM's 1-token dummy batch)."""
+        from kvsim.engine.cluster import dp_token_counts
+
+        counts = dp_token_counts([t if t > 0 else 1 for t in tokens], self.capture_sizes)
+        return sum(counts), max(counts)
 
     @property
     def outstanding_tokens(self) -> int:
@@ -202,16 +227,17 @@ class Simulation:
                 self._wake[key] = None
                 continue
             self.num_events += 1
-            tokens = {r.id: sum(n for _, n in p.plan.scheduled) for r, p in active}
-            t_max = max(tokens.values())
-            moe = ranks[0].cost.moe_time_s
-            moe_max = moe(t_max)
-            # an idle rank runs vLLM's dummy batch, a whole forward padded to T_max: never longer than a
-            # busy rank's step padded to T_max, so moe(T_max), its MoE part, stands for it (a bound only)
-            end = now + moe_max if len(active) < len(ranks) else now
-            for r, p in active:
-                pad = moe_max - moe(tokens[r.id])
-                e = p.end_s + pad if pad else p.end_s  # the rank's own end, padded to T_max's MoE time
+            tokens = [sum(n for _, n in p.plan.scheduled) if p is not None else 0 for _, p in pend]
+            moe_group = ranks[0].cost.moe_group_time_s(*g.moe_tokens(tokens))
+            # an idle rank runs vLLM's dummy batch, a whole forward never longer than a busy rank's, so
+            # the group's MoE time, its MoE part, stands for it (a bound only)
+            end = now + moe_group if len(active) < len(ranks) else now
+            for (r, p), t in zip(pend, tokens):
+                if p is None:
+                    continue
+                # the rank's own end, its own MoE part replaced by the group's
+                d = moe_group - r.cost.moe_time_s(t)
+                e = p.end_s + d if d else p.end_s
                 if e > end:
                     end = e
             for _, p in active:
