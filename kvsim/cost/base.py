@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from functools import partial
 
 
 @dataclass(slots=True)
@@ -42,6 +43,12 @@ class CostModel(ABC):
         """A pure decode step; the replica's fast-forward calls this once per step, so it is the hot
         path. Must return exactly ``step_time_s(StepShape(num_seqs, kept_tokens_sum))``."""
         return self.step_time_s(StepShape(num_seqs, kept_tokens_sum))
+
+    def decode_step_fn(self, num_seqs: int):
+        """``decode_step_time_s`` for one batch size, as a function of the kept-token sum. A
+        fast-forward stretch keeps its batch, so a model can return something cheaper to call per
+        step; it must give exactly ``decode_step_time_s(num_seqs, kept_tokens_sum)``."""
+        return partial(self.decode_step_time_s, num_seqs)
 
     def moe_time_s(self, num_tokens: int) -> float:
         """Time of a step's MoE blocks (all layers, expert exchange included) over ``num_tokens``

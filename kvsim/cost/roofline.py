@@ -60,7 +60,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields, replace
-from functools import lru_cache
+from functools import lru_cache, partial
 from importlib import resources
 
 import yaml
@@ -193,8 +193,11 @@ class RooflineCost(CostModel):
         self._ko = pr.kernel_overhead_s
         self._half = pr.gemm_half_tokens
         self._dense_cache: dict[int, float] = {}
+        self._dense_by_tokens: dict[int, tuple] = {}
+        self._dense_by_rows: dict[int, tuple] = {}
         self._affine: dict[int, object] = {}
         self._decode_coef: dict[int, object] = {}
+        self._decode_fn: dict[int, object] = {}
 
     # -- primitives --------------------------------------------------------------------------
     def _t(self, w: Work, attn: bool = False) -> float:
@@ -316,12 +319,22 @@ class RooflineCost(CostModel):
 
     def dense_time_s(self, T: int, logit_rows: int) -> float:
         """Everything of a step that depends only on token counts (not on attention)."""
-        works = self.linear_works(T)
-        per_layer = (sum(self.linear_time_s(op, T, works) for op in works) + self.allreduce_time_s(T)
-                     + self.alltoall_time_s(T) + self.params.layer_overhead_s)
-        return (self.model.num_layers * per_layer + self.lm_head_time_s(logit_rows)
-                + self.step_op_time_s("embedding", T) + self.step_op_time_s("final_norm", T)
-                + self.step_op_time_s("sampler", logit_rows) + self.params.step_overhead_s)
+        # every term depends on T alone or on the rows alone: cached apart (a step's T is at most
+        # max_num_batched_tokens), summed in the same order every time
+        by_t = self._dense_by_tokens.get(T)
+        if by_t is None:
+            works = self.linear_works(T)
+            per_layer = (sum(self.linear_time_s(op, T, works) for op in works) + self.allreduce_time_s(T)
+                         + self.alltoall_time_s(T) + self.params.layer_overhead_s)
+            by_t = self._dense_by_tokens[T] = (self.model.num_layers * per_layer, self.step_op_time_s("embedding", T),
+                                               self.step_op_time_s("final_norm", T))
+        by_r = self._dense_by_rows.get(logit_rows)
+        if by_r is None:
+            by_r = self._dense_by_rows[logit_rows] = (self.lm_head_time_s(logit_rows),
+                                                      self.step_op_time_s("sampler", logit_rows))
+        layers, embedding, final_norm = by_t
+        lm_head, sampler = by_r
+        return layers + lm_head + embedding + final_norm + sampler + self.params.step_overhead_s
 
     # -- attention ---------------------------------------------------------------------------------
     def decode_attention_time_s(self, num_seqs: int, kept: int) -> float:
@@ -418,6 +431,40 @@ class RooflineCost(CostModel):
             if f or g:
                 t += max(f, g) + e[4]
         return t
+
+    def decode_step_fn(self, num_seqs: int):
+        fn = self._decode_fn.get(num_seqs)
+        if fn is None:
+            fn = self._decode_fn[num_seqs] = self._make_decode_fn(num_seqs)
+        return fn
+
+    def _make_decode_fn(self, B: int):
+        c = self._decode_coef.get(B)
+        if c is None:
+            c = self._decode_coef[B] = self._decode_coefficients(B)
+        if c is False:
+            return partial(self.decode_step_time_s, B)
+        # decode_step_time_s's arithmetic with this batch size's coefficients bound (``b if b > a else
+        # a`` is what max(a, b) returns)
+        base, p0, p1, q0, q1, e = c
+        if e is None:
+            def step_time(kept: int) -> float:
+                a = p0 + p1 * kept
+                b = q0 + q1 * kept
+                return base + (b if b > a else a)
+            return step_time
+        e0, e1, e2, e3, e4 = e
+
+        def step_time_extra(kept: int) -> float:
+            a = p0 + p1 * kept
+            b = q0 + q1 * kept
+            t = base + (b if b > a else a)
+            f = e0 + e1 * kept
+            g = e2 + e3 * kept
+            if f or g:
+                t += (g if g > f else f) + e4
+            return t
+        return step_time_extra
 
     def _dense(self, B: int) -> float:
         dense = self._dense_cache.get(B)
