@@ -25,6 +25,7 @@ import math
 import re
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -303,6 +304,10 @@ class StepLog:
         dt = self.inner.decode_step_time_s(num_seqs, kept, max_kept)
         self._log(num_seqs, kept, [], dt, max_kept)
         return dt
+
+    def decode_step_fn(self, num_seqs):
+        # every step goes through the log (not the inner model's own per-batch function)
+        return partial(self.decode_step_time_s, num_seqs)
 
     def breakdown(self, shape):
         return self.inner.breakdown(shape)

@@ -15,6 +15,7 @@ from kvsim.cost import roofline as R
 from kvsim.cost.base import StepShape
 from kvsim.cost.profile import write_profile
 from kvsim.cost.roofline import RooflineCost, RooflineParams
+from kvsim.methods import all_methods, parse_method
 from kvsim.methods.none import NoCompression
 from kvsim.specs import load_hardware, load_model
 
@@ -92,6 +93,23 @@ def test_decode_fast_path_equals_step_time(hw):
         slow = roof.dense_time_s(b, b) + roof.decode_attention_time_s(b, kept)
         assert roof.decode_step_time_s(b, kept) == pytest.approx(slow, rel=1e-12)
         assert roof.step_time_s(StepShape(b, kept)) == roof.decode_step_time_s(b, kept)
+
+
+@pytest.mark.parametrize("method", all_methods())
+def test_decode_step_fn_gives_decode_step_time_bit_for_bit(method):
+    """A fast-forward stretch costs its steps with the batch size's own function; its values must be
+    decode_step_time_s's exactly (for methods with and without their own decode work, with and without
+    a skewed batch), and the pre-multiplied arithmetic must agree with the operation-by-operation sum."""
+    params = dataclasses.replace(R.calibrated_params("h100"), attn_skew_decode=0.3)
+    roof = RooflineCost(load_model("llama-3.1-8b"), load_hardware("h100"), parse_method(method), 1, params)
+    for b in (1, 7, 64, 300):
+        fn = roof.decode_step_fn(b)
+        for kept in (b, b * 129 + 5, b * 4096, b * 100_003):
+            for max_kept in (0, kept // b, kept // b + 1000):
+                assert fn(kept, max_kept) == roof.decode_step_time_s(b, kept, max_kept)
+                parts = roof._dense(b) + roof.decode_attention_time_s(b, kept) + roof.decode_skew_s(b, kept, max_kept)
+                assert fn(kept, max_kept) == pytest.approx(parts, rel=1e-12)
+            assert fn(kept) == roof.step_time_s(StepShape(b, kept))
 
 
 def test_calibration_yaml_has_every_hardware_and_the_withheld_fits():

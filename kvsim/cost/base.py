@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from functools import partial
 
 
 @dataclass(slots=True)
@@ -44,6 +45,13 @@ class CostModel(ABC):
         """A pure decode step; the replica's fast-forward calls this once per step, so it is the hot
         path. Must return exactly ``step_time_s(StepShape(num_seqs, kept_tokens_sum, [], max_kept))``."""
         return self.step_time_s(StepShape(num_seqs, kept_tokens_sum, [], max_kept))
+
+    def decode_step_fn(self, num_seqs: int):
+        """``decode_step_time_s`` for one batch size, as a function of the kept-token sum and the
+        largest kept count, ``fn(kept_tokens_sum, max_kept=0)``. A fast-forward stretch keeps its
+        batch, so a model can return something cheaper to call per step; it must give exactly
+        ``decode_step_time_s(num_seqs, kept_tokens_sum, max_kept)``."""
+        return partial(self.decode_step_time_s, num_seqs)
 
     def moe_time_s(self, num_tokens: int) -> float:
         """The MoE part (all layers, expert exchange included) of ``step_time_s`` for a step of

@@ -74,7 +74,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields, replace
-from functools import lru_cache
+from functools import lru_cache, partial
 from importlib import resources
 
 import yaml
@@ -216,10 +216,13 @@ class RooflineCost(CostModel):
         self._ko = pr.kernel_overhead_s
         self._half = pr.gemm_half_tokens
         self._dense_cache: dict[int, float] = {}
+        self._dense_by_tokens: dict[int, tuple] = {}
+        self._dense_by_rows: dict[int, tuple] = {}
         self._affine: dict[int, object] = {}
         self._decode_coef: dict[int, object] = {}
         self._skew_decode = pr.attn_skew_decode
         self._skew_mixed = pr.attn_skew_mixed
+        self._decode_fn: dict[int, object] = {}
 
     # -- primitives --------------------------------------------------------------------------
     def _t(self, w: Work, attn: bool = False) -> float:
@@ -369,12 +372,22 @@ class RooflineCost(CostModel):
 
     def dense_time_s(self, T: int, logit_rows: int) -> float:
         """Everything of a step that depends only on token counts (not on attention)."""
-        works = self.linear_works(T)
-        per_layer = (sum(self.linear_time_s(op, T, works) for op in works) + self.allreduce_time_s(T)
-                     + self.alltoall_time_s(T) + self.params.layer_overhead_s)
-        return (self.model.num_layers * per_layer + self.lm_head_time_s(logit_rows)
-                + self.step_op_time_s("embedding", T) + self.step_op_time_s("final_norm", T)
-                + self.step_op_time_s("sampler", logit_rows) + self.params.step_overhead_s)
+        # every term depends on T alone or on the rows alone: cached apart (a step's T is at most
+        # max_num_batched_tokens), summed in the same order every time
+        by_t = self._dense_by_tokens.get(T)
+        if by_t is None:
+            works = self.linear_works(T)
+            per_layer = (sum(self.linear_time_s(op, T, works) for op in works) + self.allreduce_time_s(T)
+                         + self.alltoall_time_s(T) + self.params.layer_overhead_s)
+            by_t = self._dense_by_tokens[T] = (self.model.num_layers * per_layer, self.step_op_time_s("embedding", T),
+                                               self.step_op_time_s("final_norm", T))
+        by_r = self._dense_by_rows.get(logit_rows)
+        if by_r is None:
+            by_r = self._dense_by_rows[logit_rows] = (self.lm_head_time_s(logit_rows),
+                                                      self.step_op_time_s("sampler", logit_rows))
+        layers, embedding, final_norm = by_t
+        lm_head, sampler = by_r
+        return layers + lm_head + embedding + final_norm + sampler + self.params.step_overhead_s
 
     # -- attention ---------------------------------------------------------------------------------
     def decode_attention_time_s(self, num_seqs: int, kept: int) -> float:
@@ -479,19 +492,7 @@ class RooflineCost(CostModel):
             return (self._dense(num_seqs) + self.decode_attention_time_s(num_seqs, kept_tokens_sum)
                     + self.decode_skew_s(num_seqs, kept_tokens_sum, max_kept))
         # the same arithmetic as dense + decode_attention_time_s, pre-multiplied per batch size
-        base, p0, p1, q0, q1, e = c
-        t = base + max(p0 + p1 * kept_tokens_sum, q0 + q1 * kept_tokens_sum)
-        if e is not None:
-            f = e[0] + e[1] * kept_tokens_sum
-            g = e[2] + e[3] * kept_tokens_sum
-            if f or g:
-                t += max(f, g) + e[4]
-        if self._skew_decode:
-            hi = max_kept * num_seqs
-            if hi > kept_tokens_sum:
-                t += self._skew_decode * (max(p0 + p1 * hi, q0 + q1 * hi)
-                                          - max(p0 + p1 * kept_tokens_sum, q0 + q1 * kept_tokens_sum))
-        return t
+        return self.decode_step_fn(num_seqs)(kept_tokens_sum, max_kept)
 
     def decode_skew_s(self, num_seqs: int, kept: int, max_kept: int) -> float:
         """What unequal contexts add to a decode call: ``attn_skew_decode`` of the gap between the
@@ -506,6 +507,51 @@ class RooflineCost(CostModel):
         """The decode attention kernel alone (no method extra work), all layers."""
         m = self.model
         return m.num_layers * self.attention_time_s(self.method.decode_attention_work(m, self.tp, num_seqs, kept), num_seqs)
+    def decode_step_fn(self, num_seqs: int):
+        fn = self._decode_fn.get(num_seqs)
+        if fn is None:
+            fn = self._decode_fn[num_seqs] = self._make_decode_fn(num_seqs)
+        return fn
+
+    def _make_decode_fn(self, B: int):
+        c = self._decode_coef.get(B)
+        if c is None:
+            c = self._decode_coef[B] = self._decode_coefficients(B)
+        if c is False:
+            return partial(self.decode_step_time_s, B)
+        # dense + decode_attention_time_s + decode_skew_s with this batch size's coefficients bound
+        # (``b if b > a else a`` is what max(a, b) returns); the fast-forward calls this once a step
+        base, p0, p1, q0, q1, e = c
+        alpha = self._skew_decode
+        if e is None:
+            def step_time(kept: int, max_kept: int = 0) -> float:
+                a = p0 + p1 * kept
+                b = q0 + q1 * kept
+                t = base + (b if b > a else a)
+                if alpha and max_kept * B > kept:
+                    hi = max_kept * B
+                    ah = p0 + p1 * hi
+                    bh = q0 + q1 * hi
+                    t += alpha * ((bh if bh > ah else ah) - (b if b > a else a))
+                return t
+            return step_time
+        e0, e1, e2, e3, e4 = e
+
+        def step_time_extra(kept: int, max_kept: int = 0) -> float:
+            a = p0 + p1 * kept
+            b = q0 + q1 * kept
+            t = base + (b if b > a else a)
+            f = e0 + e1 * kept
+            g = e2 + e3 * kept
+            if f or g:
+                t += (g if g > f else f) + e4
+            if alpha and max_kept * B > kept:
+                hi = max_kept * B
+                ah = p0 + p1 * hi
+                bh = q0 + q1 * hi
+                t += alpha * ((bh if bh > ah else ah) - (b if b > a else a))
+            return t
+        return step_time_extra
 
     def _dense(self, B: int) -> float:
         dense = self._dense_cache.get(B)

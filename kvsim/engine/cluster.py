@@ -36,8 +36,14 @@ class LeastOutstandingTokensRouter:
     name = "least-outstanding-tokens"
 
     def pick(self, replicas: list[Replica], now: float = 0.0) -> Replica:
-        # ties go to the lowest replica id, so runs are deterministic
-        return min(replicas, key=lambda r: (r.outstanding_tokens, r.id))
+        # ties go to the lowest replica id, so runs are deterministic (a loop: this runs per arrival)
+        best = replicas[0]
+        least = best.outstanding_tokens
+        for r in replicas[1:]:
+            o = r.outstanding_tokens
+            if o < least or (o == least and r.id < best.id):
+                best, least = r, o
+        return best
 
 
 def request_counts(unit) -> tuple[int, int]:

@@ -9,10 +9,9 @@ results are identical (tests/test_fast_forward.py).
 
 from __future__ import annotations
 
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, field
-
-import numpy as np
+from itertools import pairwise
 
 from kvsim.cost.base import CostModel, StepShape
 from kvsim.engine.kv_cache_manager import KVCacheManager
@@ -26,9 +25,10 @@ class PendingStep:
     start_s: float
     end_s: float
     plan: StepPlan | None = None
-    #: fast-forward stretch: number of decode steps and each step's duration
+    #: fast-forward stretch: number of decode steps and each step's end time (summed in step order,
+    #: as stepping would advance the clock)
     ff_steps: int = 0
-    ff_durations: list = field(default_factory=list)
+    ff_ends: list = field(default_factory=list)
 
 
 class Replica:
@@ -86,19 +86,21 @@ class Replica:
                 and len(plan.scheduled) == len(sched.running) and sched.admission_blocked()):
             self.pending = self._plan_stretch(now, plan, horizon_s)
             return self.pending
-        shape = StepShape()
         meth = self.method
+        keeps_all = self.kv._keeps_all
+        num_decode = kept = max_kept = 0
+        chunks = []
         for seq, n in plan.scheduled:
             if n == 1 and seq.num_computed >= seq.prefill_base:
-                kept = meth.kept_tokens(seq.prefill_base, seq.num_computed + 1)
-                shape.num_decode_seqs += 1
-                shape.decode_kept_tokens += kept
-                if kept > shape.decode_max_kept:
-                    shape.decode_max_kept = kept
+                num_decode += 1
+                k = seq.num_computed + 1 if keeps_all else meth.kept_tokens(seq.prefill_base, seq.num_computed + 1)
+                kept += k
+                if k > max_kept:
+                    max_kept = k
             else:
                 total = seq.num_computed + n
-                shape.prefill_chunks.append((n, total, total == seq.num_tokens))
-        dt = self.cost.step_time_s(shape)
+                chunks.append((n, total, total == seq.num_tokens))
+        dt = self.cost.step_time_s(StepShape(num_decode, kept, chunks, max_kept))
         self.pending = PendingStep(now, now + dt, plan)
         return self.pending
 
@@ -111,36 +113,34 @@ class Replica:
 
     def _plan_stretch(self, now: float, plan: StepPlan, horizon_s: float) -> PendingStep:
         seqs = [s for s, _ in plan.scheduled]
-        meth, kv = self.method, self.kv
+        kv = self.kv
         B = len(seqs)
-        steps_to_finish = min(s.output_tokens - s.generated for s in seqs)
+        steps_to_finish = min([s.output_tokens - s.generated for s in seqs])
         if kv._keeps_all:
-            kept0 = [s.num_computed + 1 for s in seqs]
-            growth = [steps_to_finish] * B
+            kept0 = growth = None  # every kept count rises by one per step; built only if memory is short
+            S = sum([s.num_computed for s in seqs]) + B
         else:
+            meth = self.method
             kept0, growth = [], []
             for s in seqs:
                 k0 = meth.kept_tokens(s.prefill_base, s.num_computed + 1)
                 lim = meth.kept_limit(s.prefill_base)
                 kept0.append(k0)
                 growth.append(steps_to_finish if lim is None else max(0, lim - k0))
+            S = sum(kept0)
         n_max = steps_to_finish
         if kv.paged and n_max > 1:
             n_max = self._steps_within_memory(seqs, kept0, growth, n_max)
-        decode_time = self.cost.decode_step_time_s
+        step_time = self.cost.decode_step_fn(B)
         t = now
-        durations = []
-        j = 0
-        S = sum(kept0)
-        if kv._keeps_all:
-            # every kept count rises by one a step through the whole stretch (n_max <= steps_to_finish)
-            M = max(kept0)
-            while True:
-                dt = decode_time(B, S, M)
-                t += dt
-                durations.append(dt)
-                j += 1
-                if j >= n_max or t >= horizon_s:
+        ends = []
+        if growth is None or min(growth) >= n_max:
+            # the kept-token sum rises by B every step of the stretch, and so does the largest kept count
+            M = max([s.num_computed for s in seqs]) + 1 if kept0 is None else max(kept0)
+            for _ in range(n_max):
+                t += step_time(S, M)
+                ends.append(t)
+                if t >= horizon_s:
                     break
                 S += B
                 M += 1
@@ -159,12 +159,10 @@ class Replica:
             si = bisect_right(stops, 0)
             D = B - si
             cm, gm = capped_max[si], growing_max[si]
-            while True:
-                dt = decode_time(B, S, max(cm, gm + j))
-                t += dt
-                durations.append(dt)
-                j += 1
-                if j >= n_max or t >= horizon_s:
+            for j in range(1, n_max + 1):
+                t += step_time(S, max(cm, gm + j - 1))
+                ends.append(t)
+                if t >= horizon_s:
                     break
                 S += D
                 if si < B and stops[si] <= j:
@@ -173,12 +171,21 @@ class Replica:
                     D = B - si
                     cm, gm = capped_max[si], growing_max[si]
         self.num_ff_stretches += 1
-        return PendingStep(now, t, plan, ff_steps=j, ff_durations=durations)
+        return PendingStep(now, t, plan, len(ends), ends)
 
     def _steps_within_memory(self, seqs, kept0, growth, n_max: int) -> int:
-        """Largest n <= n_max such that steps 1..n-1 find the blocks they need (step 0 already has them)."""
+        """Largest n <= n_max such that steps 1..n-1 find the blocks they need (step 0 already has them).
+
+        ``kept0``/``growth`` None: every sequence keeps all its tokens (kept0 = num_computed + 1)."""
         bs, extra = self.kv.bs, self.kv.extra_blocks
         free = self.kv.pool.num_free
+        # step 0 holds the blocks of kept0 tokens and a kept count rises by at most one per step, so
+        # steps 1..j add at most ceil(j / bs) blocks per sequence: usually plenty are free
+        if len(seqs) * -(-(n_max - 1) // bs) <= free:
+            return n_max
+        if kept0 is None:
+            kept0 = [s.num_computed + 1 for s in seqs]
+            growth = [n_max] * len(seqs)
         held = [s.blocks for s in seqs]
 
         def need(j: int) -> int:  # blocks to add for the tokens of steps 1..j
@@ -208,16 +215,13 @@ class Replica:
         p = self.pending
         if p is None or p.ff_steps <= 1 or t_s >= p.end_s:
             return False
-        t = p.start_s
-        for j, dt in enumerate(p.ff_durations):
-            t += dt
-            if t >= t_s:
-                break
+        ends = p.ff_ends
+        j = bisect_left(ends, t_s)
         if j + 1 >= p.ff_steps:
             return False
         p.ff_steps = j + 1
-        del p.ff_durations[j + 1:]
-        p.end_s = t
+        del ends[j + 1:]
+        p.end_s = ends[j]
         return True
 
     def commit(self) -> list[Sequence]:
@@ -228,24 +232,25 @@ class Replica:
         finished = []
         if p.ff_steps:
             k = p.ff_steps
+            ends = p.ff_ends
             seqs = [s for s, _ in p.plan.scheduled]
-            t1 = p.start_s + p.ff_durations[0]
+            t1 = ends[0]
             rec.itl.add_many([t1 - s.last_token_s for s in seqs])
             if k > 1:
-                # what stepping records: differences of consecutive end times (t_j = t_(j-1) + dt_j, summed in
-                # order as the stretch planned them), which may differ from dt_j in the last bit; a batch
-                # of B gets B samples each
-                ends = np.add.accumulate(np.array([t1] + p.ff_durations[1:]))
-                rec.itl.add_many(np.diff(ends).tolist(), len(seqs))
-            paged, grow, blocks_for = kv.paged, kv.pool.grow, kv.blocks_for
+                # what stepping records: differences of consecutive end times; a batch of B gets B
+                # samples each
+                rec.itl.add_many([b - a for a, b in pairwise(ends)], len(seqs))
             # generated blocks are hashed as stepping would have hashed them, step by step
             register = kv.register_computed if kv.hash_generated else None
+            paged, grow, blocks_for = kv.paged, kv.pool.grow, kv.blocks_for
+            keeps_all, bs, extra = kv._keeps_all, kv.bs, kv.extra_blocks
             for s in seqs:
                 s.num_computed += k
                 s.generated += k
                 s.last_token_s = t
                 if paged:
-                    target = blocks_for(s, s.num_computed)
+                    # blocks_for, inlined for the full cache
+                    target = -(-s.num_computed // bs) + extra if keeps_all else blocks_for(s, s.num_computed)
                     if target > s.blocks and not grow(s, target):
                         raise AssertionError("fast-forward planned more blocks than were free")
                 if register is not None and s.hash_keys is not None:
@@ -257,9 +262,12 @@ class Replica:
             plan = p.plan
             itl = []
             after_compute = kv.after_compute
+            # after_compute only acts where eviction can shrink a sequence or its blocks are hashed
+            shrinks = kv.paged and not kv._keeps_all
             for s, n in plan.scheduled:
                 s.num_computed += n
-                after_compute(s)
+                if shrinks or s.hash_keys is not None:
+                    after_compute(s)
                 if s.num_computed == s.prompt_tokens + s.generated:
                     if s.first_token_s is None:
                         s.first_token_s = t

@@ -112,13 +112,16 @@ class Scheduler:
         # full-cache fast path: a sequence needs a new block only when it crosses a block boundary
         fast = kv.paged and kv._keeps_all
         bs, extra = kv.bs, kv.extra_blocks
+        append = plan.scheduled.append
+        pure_decode = True
         i = 0
         while i < len(running) and budget > 0:
             seq = running[i]
-            n = seq.prompt_tokens + seq.generated - seq.num_computed
+            computed = seq.num_computed
+            n = seq.prompt_tokens + seq.generated - computed
             if n > budget:
                 n = budget
-            has_room = fast and -(-(seq.num_computed + n) // bs) + extra <= seq.blocks
+            has_room = fast and -(-(computed + n) // bs) + extra <= seq.blocks
             while not has_room and not kv.allocate_slots(seq, n):
                 victim = running.pop()
                 self._preempt(victim)
@@ -128,13 +131,14 @@ class Scheduler:
                     break
             if n == 0:
                 break
-            plan.scheduled.append((seq, n))
+            append((seq, n))
             # a decode computes one token past the (re)prefilled prefill_base; the last chunk of a
             # recompute may also be one token, but it ends a prefill (methods compress there)
-            if n != 1 or seq.num_computed < seq.prefill_base:
-                plan.pure_decode = False
+            if n != 1 or computed < seq.prefill_base:
+                pure_decode = False
             budget -= n
             i += 1
+        plan.pure_decode = pure_decode
         if not plan.preempted:
             budget = self._admit_waiting(plan, budget, whole_prompts=False)
         plan.budget_left = budget

@@ -42,11 +42,28 @@ from kvsim.workload.request import InvalidRecord
 class _Environment(simpy.Environment):
     """SimPy schedules at ``now + delay``, and no delay may land exactly on a given time ``t`` (when ``now``
     has finer bits than ``t``, ``now + d`` can skip ``t``'s value for every d). Events here are placed at
-    their absolute time instead, so a step ends exactly at the time the replica computed, whether it was
-    stepped or fast-forwarded, and clocks never drift between runs."""
+    their absolute time instead (``_At``), so a step ends exactly at the time the replica computed, whether
+    it was stepped or fast-forwarded, and clocks never drift between runs."""
 
-    def schedule_at(self, event: simpy.Event, priority: int, t: float) -> None:
-        heappush(self._queue, (t if t > self._now else self._now, priority, next(self._eid), event))
+    def wait_instead(self, proc: simpy.Process, t: float, priority: int) -> None:
+        """``proc`` waits for an event at ``t`` instead of the one it waits for now. What interrupting it
+        and having it yield a new event would do, without throwing an exception into it (a stretch is
+        cut short on almost every arrival); the old event stays queued, with nobody waiting on it."""
+        proc._target.callbacks.remove(proc._resume)
+        ev = _At(self, t, priority)
+        ev.callbacks.append(proc._resume)
+        proc._target = ev
+
+
+class _At(simpy.Event):
+    """An event at the absolute time ``t`` (now if ``t`` is past), made and queued in one go."""
+
+    def __init__(self, env: _Environment, t: float, priority: int):
+        self.env = env
+        self.callbacks = []
+        self._ok = True
+        self._value = None
+        heappush(env._queue, (t if t > env._now else env._now, priority, next(env._eid), self))
 
 
 class LockstepGroup:
@@ -126,11 +143,7 @@ class Simulation:
             self._units = replicas
 
     def _at(self, t: float, priority: int = URGENT) -> simpy.Event:
-        ev = self.env.event()
-        ev._ok = True
-        ev._value = None
-        self.env.schedule_at(ev, priority, t)
-        return ev
+        return _At(self.env, t, priority)
 
     def _arrivals(self, source):
         it = iter(source)
@@ -167,7 +180,9 @@ class Simulation:
                 if ev is not None and not ev.triggered:
                     ev.succeed()
                 elif not self._single and r.truncate(t):
-                    self._procs[r.id].interrupt()
+                    # the stretch was cut at the first step that ends at or after this arrival
+                    self.num_events += 1
+                    self.env.wait_instead(self._procs[r.id], r.pending.end_s, NORMAL)
             if self.progress is not None and index % 1024 == 0:
                 self.progress.update(1024)
         self.next_arrival_s = math.inf
@@ -194,14 +209,8 @@ class Simulation:
                 self._wake[r.id] = None
                 continue
             self.num_events += 1
-            while True:
-                try:
-                    yield self._at(r.pending.end_s, NORMAL)
-                    break
-                except simpy.Interrupt:
-                    # a request was routed here mid-stretch; the stretch was cut at the first step
-                    # that ends at or after its arrival, so wait for the new end instead
-                    self.num_events += 1
+            # a request routed here mid-stretch may cut it short and move this wait (_arrivals)
+            yield self._at(p.end_s, NORMAL)
             finished = r.commit()
             if self.check_invariants:
                 self._check(r, finished)

@@ -129,6 +129,8 @@ class Recorder:
             self.prefix_query_tokens += seq.prompt_tokens
         if t > self.last_finish_s:
             self.last_finish_s = t
+        if self._req_writer is None and self.rows is None:
+            return  # no requests.csv and no rows kept: the row would be thrown away
         self._row([seq.req.request_id, seq.replica, "completed", None, seq.arrival_s, seq.prompt_tokens,
                    seq.req.output_tokens, seq.generated, seq.output_tokens / seq.req.output_tokens,
                    seq.first_token_s, t, ttft_s * 1e3, tpot_s * 1e3, e2el_s * 1e3,

@@ -51,7 +51,9 @@ class Quantiles:
         w = np.asarray(self._bw, dtype=np.int64)
         self._bv, self._bw = [], []
         self._count += int(w.sum())
-        self._total += float(np.dot(v, w))
+        # numpy's own (pairwise) sum, not np.dot: BLAS splits a long dot product over threads, so the
+        # last bits depend on the machine's thread count, and its idle workers spin on a CPU core
+        self._total += float((v * w).sum())
         self._min = min(self._min, float(v.min()))
         self._max = max(self._max, float(v.max()))
         if self._hist is None:
