@@ -507,6 +507,7 @@ class RooflineCost(CostModel):
         """The decode attention kernel alone (no method extra work), all layers."""
         m = self.model
         return m.num_layers * self.attention_time_s(self.method.decode_attention_work(m, self.tp, num_seqs, kept), num_seqs)
+
     def decode_step_fn(self, num_seqs: int):
         fn = self._decode_fn.get(num_seqs)
         if fn is None:
@@ -523,35 +524,26 @@ class RooflineCost(CostModel):
         # (``b if b > a else a`` is what max(a, b) returns); the fast-forward calls this once a step
         base, p0, p1, q0, q1, e = c
         alpha = self._skew_decode
-        if e is None:
-            def step_time(kept: int, max_kept: int = 0) -> float:
-                a = p0 + p1 * kept
-                b = q0 + q1 * kept
-                t = base + (b if b > a else a)
-                if alpha and max_kept * B > kept:
-                    hi = max_kept * B
-                    ah = p0 + p1 * hi
-                    bh = q0 + q1 * hi
-                    t += alpha * ((bh if bh > ah else ah) - (b if b > a else a))
-                return t
-            return step_time
-        e0, e1, e2, e3, e4 = e
+        extra = e is not None
+        e0, e1, e2, e3, e4 = e if extra else (0.0,) * 5
 
-        def step_time_extra(kept: int, max_kept: int = 0) -> float:
+        def step_time(kept: int, max_kept: int = 0) -> float:
             a = p0 + p1 * kept
             b = q0 + q1 * kept
-            t = base + (b if b > a else a)
-            f = e0 + e1 * kept
-            g = e2 + e3 * kept
-            if f or g:
-                t += (g if g > f else f) + e4
+            m = b if b > a else a
+            t = base + m
+            if extra:
+                f = e0 + e1 * kept
+                g = e2 + e3 * kept
+                if f or g:
+                    t += (g if g > f else f) + e4
             if alpha and max_kept * B > kept:
                 hi = max_kept * B
                 ah = p0 + p1 * hi
                 bh = q0 + q1 * hi
-                t += alpha * ((bh if bh > ah else ah) - (b if b > a else a))
+                t += alpha * ((bh if bh > ah else ah) - m)
             return t
-        return step_time_extra
+        return step_time
 
     def _dense(self, B: int) -> float:
         dense = self._dense_cache.get(B)
