@@ -31,7 +31,7 @@ from heapq import heappush
 import simpy
 from simpy.events import NORMAL, URGENT
 
-from kvsim.engine.cluster import VllmDPBalancer
+from kvsim.engine.cluster import VllmDPBalancer, cudagraph_capture_sizes, dp_token_counts
 from kvsim.engine.output_length import LengthSampler
 from kvsim.engine.replica import Replica
 from kvsim.engine.sequence import Sequence
@@ -80,8 +80,6 @@ class LockstepGroup:
     def capture_sizes(self) -> list[int]:
         """vLLM's default CUDA-graph capture sizes for the ranks' scheduler limits (CUDA graphs on)."""
         if self._capture_sizes is None:
-            from kvsim.engine.cluster import cudagraph_capture_sizes
-
             s = self.ranks[0].scheduler
             self._capture_sizes = cudagraph_capture_sizes(s.max_num_seqs, s.max_num_batched_tokens)
         return self._capture_sizes
@@ -89,8 +87,6 @@ class LockstepGroup:
     def moe_tokens(self, tokens: list[int]) -> tuple[int, int]:
         """(N, S): the tokens the ranks' forwards carry in all and the largest, given each rank's new
         tokens (0: idle, running vLLM's 1-token dummy batch)."""
-        from kvsim.engine.cluster import dp_token_counts
-
         counts = dp_token_counts([t if t > 0 else 1 for t in tokens], self.capture_sizes)
         return sum(counts), max(counts)
 
