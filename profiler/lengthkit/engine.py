@@ -33,6 +33,7 @@ Methods (faithful re-implementations; see docs/lengths.md for the paper details)
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -67,6 +68,10 @@ def _kvlen_attention(module, query, key, value, attention_mask, scaling=None, dr
         raise RuntimeError("kvlen attention called outside profiler.lengthkit.engine.generate")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     return _ACTIVE.attend(module.layer_idx, query, key, value, scale), None
+
+
+def _is_pow2(x: float) -> bool:
+    return x > 0 and math.frexp(x)[0] == 0.5
 
 
 # -- quantisation helpers ---------------------------------------------------------------------------
@@ -144,8 +149,15 @@ class LayerCache:
         self.t += n
 
     def select(self, rows):
-        return LayerCache(self.kbuf[rows], self.vbuf[rows], self.validbuf[rows], self.t,
-                          None if self.scorebuf is None else self.scorebuf[rows],
+        # copy only the t filled columns into fresh buffers of the same capacity: ``append`` writes every
+        # column past t (k, v, valid, score) before it is read, so those may stay uninitialised
+        def take(buf):
+            out = buf.new_empty((len(rows),) + tuple(buf.shape[1:]))
+            out[:, :, : self.t] = buf[rows, :, : self.t]
+            return out
+
+        return LayerCache(take(self.kbuf), take(self.vbuf), take(self.validbuf), self.t,
+                          None if self.scorebuf is None else take(self.scorebuf),
                           None if self.kivi_qk is None else self.kivi_qk[rows])
 
 
@@ -197,17 +209,29 @@ class CacheState:
             lc.append(k, v)
         t = lc.k.shape[2]
 
-        # eager attention over the kept tokens; the new tokens' own K/V are in full precision
+        # eager attention over the kept tokens; the new tokens' own K/V are in full precision.
+        # The scale is applied to q (nq x d) rather than to the scores (nq x t): with a power-of-two scale
+        # (head_dim 64 -> 1/8, as here) this is bit-identical and saves a pass over the score tensor
         qg = q.reshape(b, hkv, g * nq, d)
-        scores = torch.matmul(qg, lc.k.transpose(-1, -2)).float() * scale  # [B, Hkv, G*Q, T]
+        if _is_pow2(scale):
+            scores = torch.matmul(qg * scale, lc.k.transpose(-1, -2)).float()  # [B, Hkv, G*Q, T]
+        else:
+            scores = torch.matmul(qg, lc.k.transpose(-1, -2)).float() * scale
         scores = scores.view(b, hkv, g, nq, t)
         mask = lc.valid[:, :, None, None, :]
         if nq > 1:
             kidx = torch.arange(t, device=q.device)
             qpos = torch.arange(t - nq, t, device=q.device)
             mask = mask & (kidx[None, :] <= qpos[:, None])[None, None, None]
-        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-        probs = torch.softmax(scores, dim=-1) * mask  # rows of padding queries -> all zero
+        scores.masked_fill_(~mask, torch.finfo(scores.dtype).min)
+        probs = torch.softmax(scores, dim=-1)
+        if prefill and m.name in ("h2o", "snapkv"):
+            # a padding query (left padding, prefill only) sees no valid key, so its softmax is uniform
+            # over the masked keys; zero those rows, since H2O's accumulated scores and SnapKV's
+            # observation window read ``probs``. Real queries already get exact zeros on masked keys
+            # (exp underflows), and a padding query's output is never read (its column stays invalid and
+            # only the last, real position's logits are used), so the other methods skip this pass
+            probs = probs * mask
         out = torch.matmul(probs.to(lc.v.dtype).view(b, hkv, g * nq, t), lc.v)
         out = out.view(b, hq, nq, d).transpose(1, 2).contiguous()  # [B, Q, Hq, D]
 
