@@ -283,12 +283,9 @@ class ProfiledCost(CostModel):
         # decodes in a step that prefills are rows of one variable-length prefill call (vLLM V1): the
         # profile's pure-decode table does not apply; the roofline fitted on this GPU's prefill kernel does
         B, kept, roof = shape.num_decode_seqs, shape.decode_kept_tokens, self.roof
-        t = (self.dense_time_s(shape.num_tokens, shape.num_logit_tokens) + roof.mixed_decode_attention_time_s(B, kept)
-             + self.prefill_attention_time_s(shape.prefill_chunks))
-        if self._skew_mixed and shape.decode_max_kept * B > kept:
-            hi = shape.decode_max_kept * B
-            t += self._skew_mixed * self.model.num_layers * (roof._mixed_rows_s(B, hi) - roof._mixed_rows_s(B, kept))
-        return t
+        return (self.dense_time_s(shape.num_tokens, shape.num_logit_tokens) + roof.mixed_decode_attention_time_s(B, kept)
+                + self.prefill_attention_time_s(shape.prefill_chunks)
+                + roof.mixed_skew_s(B, kept, shape.decode_max_kept, self._skew_mixed))
 
     def decode_step_time_s(self, num_seqs: int, kept_tokens_sum: int, max_kept: int = 0) -> float:
         dense = self._dense_cache.get(num_seqs)

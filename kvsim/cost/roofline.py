@@ -74,7 +74,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields, replace
-from functools import lru_cache, partial
+from functools import lru_cache
 from importlib import resources
 
 import yaml
@@ -219,7 +219,6 @@ class RooflineCost(CostModel):
         self._dense_by_tokens: dict[int, tuple] = {}
         self._dense_by_rows: dict[int, tuple] = {}
         self._affine: dict[int, object] = {}
-        self._decode_coef: dict[int, object] = {}
         self._skew_decode = pr.attn_skew_decode
         self._skew_mixed = pr.attn_skew_mixed
         self._decode_fn: dict[int, object] = {}
@@ -441,10 +440,7 @@ class RooflineCost(CostModel):
         m, tp, meth = self.model, self.tp, self.method
         t = self._mixed_rows_s(num_seqs, kept) + num_seqs * self._seq_ko
         t += self._t(meth.decode_extra_work(m, tp, num_seqs, kept))
-        t = m.num_layers * t
-        if self._skew_mixed and max_kept * num_seqs > kept:
-            t += self.mixed_skew_s(num_seqs, kept, max_kept)
-        return t
+        return m.num_layers * t + self.mixed_skew_s(num_seqs, kept, max_kept)
 
     def _mixed_rows_s(self, num_seqs: int, kept: int) -> float:
         w = self.method.decode_attention_work(self.model, self.tp, num_seqs, kept)
@@ -454,13 +450,15 @@ class RooflineCost(CostModel):
             f *= max(rows, self._ctas * self._qtile) / (self._heads * num_seqs)
         return max(f / self._attn_rate, w.bytes / self._attn_bw)
 
-    def mixed_skew_s(self, num_seqs: int, kept: int, max_kept: int) -> float:
-        """What unequal contexts add to the decode rows of a prefill call: ``attn_skew_mixed`` of the
-        gap between every row at the largest and every row at the mean context."""
+    def mixed_skew_s(self, num_seqs: int, kept: int, max_kept: int, alpha: float | None = None) -> float:
+        """What unequal contexts add to the decode rows of a prefill call: ``alpha`` (default
+        ``attn_skew_mixed``; a profile passes its own) of the gap between every row at the largest and
+        every row at the mean context."""
+        alpha = self._skew_mixed if alpha is None else alpha
         hi = max_kept * num_seqs
-        if not self._skew_mixed or hi <= kept:
+        if not alpha or hi <= kept:
             return 0.0
-        return self._skew_mixed * self.model.num_layers * (self._mixed_rows_s(num_seqs, hi) - self._mixed_rows_s(num_seqs, kept))
+        return alpha * self.model.num_layers * (self._mixed_rows_s(num_seqs, hi) - self._mixed_rows_s(num_seqs, kept))
 
     def prefill_attention_time_s(self, chunks, with_decodes: bool = False) -> float:
         """Prefill chunks' attention; vLLM runs a step's attention as one call, so the call's fixed
@@ -485,13 +483,6 @@ class RooflineCost(CostModel):
                 + self.prefill_attention_time_s(shape.prefill_chunks))
 
     def decode_step_time_s(self, num_seqs: int, kept_tokens_sum: int, max_kept: int = 0) -> float:
-        c = self._decode_coef.get(num_seqs)
-        if c is None:
-            c = self._decode_coef[num_seqs] = self._decode_coefficients(num_seqs)
-        if c is False:
-            return (self._dense(num_seqs) + self.decode_attention_time_s(num_seqs, kept_tokens_sum)
-                    + self.decode_skew_s(num_seqs, kept_tokens_sum, max_kept))
-        # the same arithmetic as dense + decode_attention_time_s, pre-multiplied per batch size
         return self.decode_step_fn(num_seqs)(kept_tokens_sum, max_kept)
 
     def decode_skew_s(self, num_seqs: int, kept: int, max_kept: int) -> float:
@@ -515,11 +506,11 @@ class RooflineCost(CostModel):
         return fn
 
     def _make_decode_fn(self, B: int):
-        c = self._decode_coef.get(B)
-        if c is None:
-            c = self._decode_coef[B] = self._decode_coefficients(B)
-        if c is False:
-            return partial(self.decode_step_time_s, B)
+        c = self._decode_coefficients(B)
+        if c is False:  # a method whose decode work is not affine in the kept tokens: operation by operation
+            def direct(kept: int, max_kept: int = 0) -> float:
+                return self._dense(B) + self.decode_attention_time_s(B, kept) + self.decode_skew_s(B, kept, max_kept)
+            return direct
         # dense + decode_attention_time_s + decode_skew_s with this batch size's coefficients bound
         # (``b if b > a else a`` is what max(a, b) returns); the fast-forward calls this once a step
         base, p0, p1, q0, q1, e = c
