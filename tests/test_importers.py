@@ -196,7 +196,8 @@ def lss_slice(tmp_path):
     a = copy_rows(src / L31 / "tp1/attention.csv", root / L31 / "tp1/attention.csv", lambda r: (
         (r["prefill_chunk"] == "0" and r["n_decode"] in ("1", "32") and r["kv_decode"] in ("16", "1024"))
         or (r["n_decode"] == "0" and r["prefill_chunk"] in ("16", "64") and r["kv_prefill"] in ("0", "16", "32", "64"))
-        or (r["prefill_chunk"] == "16" and r["kv_prefill"] == "16" and r["n_decode"] == "1" and r["kv_decode"] == "16")))
+        or (r["prefill_chunk"] in ("16", "32") and r["kv_prefill"] in ("0", "16") and r["n_decode"] in ("1", "4")
+            and r["kv_decode"] == "16")))
     copy_rows(src / Q30 / "tp1/dense.csv", root / Q30 / "tp1/dense.csv", lambda r: r["tokens"] in ("1", "2", "4"))
     m = copy_rows(src / Q30 / "tp1/moe.csv", root / Q30 / "tp1/moe.csv", lambda r: int(r["tokens"]) <= 4)
     return root, d, p, a, m
@@ -249,7 +250,13 @@ def test_lss_attention_axes(lss_slice, tmp_path):
     assert close(cell(pre, chunk_tokens=16, kv_tokens=16), us(a, prefill_chunk=16, kv_prefill=0, n_decode=0))
     assert cell(pre, chunk_tokens=64, kv_tokens=32) is None          # kv below the chunk
     assert cell(pre, chunk_tokens=16, kv_tokens=128) is None         # past the row's largest history (64)
-    # the mixed row is not imported anywhere
+    # mixed rows (a chunk and decodes in one call) have their own table, history from 0
+    mix = t["attention.mixed.flash"]
+    assert mix["axes"] == {"chunk_tokens": [16, 32], "history_tokens": [0, 16], "batch_size": [1, 4], "kv_tokens": [17]}
+    assert close(cell(mix, chunk_tokens=32, history_tokens=0, batch_size=4, kv_tokens=17),
+                 us(a, prefill_chunk=32, kv_prefill=0, n_decode=4, kv_decode=16))
+    assert close(cell(mix, chunk_tokens=16, history_tokens=16, batch_size=1, kv_tokens=17),
+                 us(a, prefill_chunk=16, kv_prefill=16, n_decode=1, kv_decode=16))
     mixed = us(a, prefill_chunk=16, kv_prefill=16, n_decode=1, kv_decode=16)
     assert mixed not in [v for row in pre["time_s"] for v in row]
 

@@ -101,7 +101,8 @@ def test_missing_file_and_bad_json(tmp_path):
     ({"axes": {"num_tokens": [1, 2]}, "time_s": [1e-5]}, "expected a list of 2"),
     ({"axes": {"num_tokens": [2, 1]}, "time_s": [1e-5, 2e-5]}, "strictly increasing"),
     ({"axes": {"num_tokens": [1, 1]}, "time_s": [1e-5, 2e-5]}, "strictly increasing"),
-    ({"axes": {"num_tokens": [0, 1]}, "time_s": [1e-5, 2e-5]}, "finite positive"),
+    ({"axes": {"num_tokens": [-1, 1]}, "time_s": [1e-5, 2e-5]}, "finite positive"),
+    ({"axes": {"num_tokens": [1, 0]}, "time_s": [1e-5, 2e-5]}, "0 only as the first value"),
     ({"axes": {"num_tokens": []}, "time_s": []}, "non-empty"),
     ({"axes": {}, "time_s": []}, "non-empty mapping"),
     ({"axes": {"num_tokens": [1, 2]}, "time_s": [1e-5, -1.0]}, r"time_s\[1\]"),
@@ -167,6 +168,23 @@ def test_three_axes_generic_path():
     for pt in [(1.5, 30, 5), (3, 10, 20), (4, 50, 27)]:
         assert t.lookup(a=pt[0], b=pt[1], c=pt[2]) == pytest.approx(f(*pt), rel=1e-12)
     assert t.lookup(a=5, b=50, c=5) is None
+
+
+def test_an_axis_may_start_at_zero_and_interpolates_linearly_above_it():
+    # a history of 0 cached tokens is a measured point (LLMServingSim's mixed rows); log(0) is not
+    t1 = Table("t", {"h": [0, 16, 64]}, [1e-4, 2e-4, 8e-4])
+    assert t1.lookup(h=0) == 1e-4
+    assert t1.lookup(h=4) == pytest.approx(1e-4 * 2 ** 0.25, rel=1e-12)   # weight 4/16, in log time
+    assert t1.lookup(h=32) == pytest.approx(4e-4, rel=1e-12)              # log axis beyond the first step
+    assert t1.lookup(h=-1) is None
+    t2 = Table("t2", {"h": [0, 10], "b": [1, 4]}, [[1e-5, 4e-5], [4e-5, 16e-5]])
+    assert t2.lookup(h=5, b=1) == pytest.approx(2e-5, rel=1e-12)
+    assert t2.lookup(h=5, b=2) == pytest.approx(4e-5, rel=1e-12)
+    t3 = Table("t3", {"c": [1, 2], "h": [0, 10], "b": [1, 4]}, [[[1e-5, 4e-5], [4e-5, 16e-5]]] * 2)
+    assert t3.lookup(c=1.5, h=5, b=2) == pytest.approx(4e-5, rel=1e-12)
+    d = _profile()
+    d["tables"]["attention.mixed.flash"] = {"axes": {"h": [0, 10]}, "time_s": [1e-5, 2e-5]}
+    validate_profile(d, "mem.json")
 
 
 def test_none_outside_and_next_to_null():

@@ -70,6 +70,37 @@ def test_profile_alpha_wins_over_the_roofline_and_uses_measured_times(tmp_path):
     assert cost.step_time_s(StepShape(B, S, [], M)) == cost.decode_step_time_s(B, S, M)
 
 
+def test_one_chunk_with_decodes_is_costed_from_the_measured_mixed_table():
+    prof = load_profile(_profiles() / "imported" / "rtx-4090__llama-3.1-8b__tp1.json")
+    model, hw = load_model("llama-3.1-8b"), load_hardware("rtx-4090")
+    fb = RooflineCost(model, hw, None, 1, calibrated_params("rtx-4090"))
+    cost = ProfiledCost(prof, fb)
+    mixed = prof.tables["attention.mixed.flash"]
+    # a grid point: chunk 512 on 1024 cached tokens, 32 decodes attending 1025 tokens each
+    shape = StepShape(32, 32 * 1025, [(512, 512 + 1024, False)], 0)
+    want = cost.dense_time_s(shape.num_tokens, shape.num_logit_tokens) + model.num_layers * mixed.lookup(
+        chunk_tokens=512, history_tokens=1024, batch_size=32, kv_tokens=1025)
+    assert cost.step_time_s(shape) == pytest.approx(want, rel=1e-12)
+    # a first chunk (no history) is on the grid too
+    first = StepShape(4, 4 * 17, [(64, 64, True)], 0)
+    assert cost.step_time_s(first) == pytest.approx(
+        cost.dense_time_s(68, 5) + model.num_layers * mixed.lookup_at(64, 0, 4, 17), rel=1e-12)
+    # two chunks, or decodes beyond the grid, fall back to prefill table + fitted decode rows
+    two = StepShape(32, 32 * 1025, [(256, 256, True), (256, 1280, False)], 0)
+    assert cost.step_time_s(two) == pytest.approx(
+        cost.dense_time_s(544, 33) + fb.mixed_decode_attention_time_s(32, 32 * 1025)
+        + cost.prefill_attention_time_s(two.prefill_chunks), rel=1e-12)
+    wide = StepShape(200, 200 * 1025, [(512, 1536, False)], 0)
+    assert cost.step_time_s(wide) == pytest.approx(
+        cost.dense_time_s(712, 200) + fb.mixed_decode_attention_time_s(200, 200 * 1025)
+        + cost.prefill_attention_time_s(wide.prefill_chunks), rel=1e-12)
+    # the table times an uncompressed bf16 cache: a compression method does not use it
+    from kvsim.methods import make_method
+
+    kivi = ProfiledCost(prof, RooflineCost(model, hw, make_method("kivi"), 1, calibrated_params("rtx-4090")))
+    assert kivi._mixed is None
+
+
 def _profiles():
     from kvsim.cost.profiled import PROFILES_ROOT
 

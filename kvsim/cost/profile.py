@@ -2,7 +2,8 @@
 
 A profile holds measured kernel times as regular grids. ``Table.lookup`` interpolates linearly in
 (log axis, log time) and returns None outside the grid or next to a null point, so the caller falls
-back to the roofline. No torch, no numpy on the lookup path: it runs ~1e5-1e6 times per replay, so
+back to the roofline. An axis may start at 0 (a history of no cached tokens); between 0 and its next
+value the axis weight is linear instead of logarithmic. No torch, no numpy on the lookup path: it runs ~1e5-1e6 times per replay, so
 everything it needs (log axes, log values, strides) is precomputed into plain lists at load.
 """
 
@@ -29,6 +30,14 @@ def _is_num(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
+def _weight(lx, xs, i, x) -> float:
+    """Where x lies between grid values i and i + 1: in log axis, or linearly above a leading 0."""
+    lo = lx[i]
+    if lo is None:
+        return x / xs[i + 1]
+    return (_log(x) - lo) / (lx[i + 1] - lo)
+
+
 class Table:
     """One regular grid of times (seconds). ``axes`` ordered name -> strictly increasing positive values."""
 
@@ -40,7 +49,7 @@ class Table:
         self.axes = {k: [float(x) for x in v] for k, v in axes.items()}
         self._ndim = len(self.axis_names)
         self._x = [self.axes[k] for k in self.axis_names]
-        self._lx = [[_log(x) for x in xs] for xs in self._x]
+        self._lx = [[_log(x) if x > 0 else None for x in xs] for xs in self._x]
         flat: list = []
 
         def walk(node, depth):
@@ -93,8 +102,8 @@ class Table:
             return v[i]
         if v[i] is None or v[i + 1] is None:
             return None
-        lx, lv = self._lx[0], self._lv
-        w = (_log(x) - lx[i]) / (lx[i + 1] - lx[i])
+        lv = self._lv
+        w = _weight(self._lx[0], xs, i, x)
         return _exp(lv[i] + w * (lv[i + 1] - lv[i]))
 
     def _lookup2(self, x, y) -> float | None:
@@ -111,11 +120,9 @@ class Table:
                 return v[k]
             if v[k] is None or v[k + 1] is None:
                 return None
-            ly = self._lx[1]
-            wj = (_log(y) - ly[j]) / (ly[j + 1] - ly[j])
+            wj = _weight(self._lx[1], ys, j, y)
             return _exp(lv[k] + wj * (lv[k + 1] - lv[k]))
-        lx = self._lx[0]
-        wi = (_log(x) - lx[i]) / (lx[i + 1] - lx[i])
+        wi = _weight(self._lx[0], xs, i, x)
         if ys[j] == y:
             if v[k] is None or v[k + n1] is None:
                 return None
@@ -123,8 +130,7 @@ class Table:
         a, b, c, d = lv[k], lv[k + 1], lv[k + n1], lv[k + n1 + 1]
         if a is None or b is None or c is None or d is None:
             return None
-        ly = self._lx[1]
-        wj = (_log(y) - ly[j]) / (ly[j + 1] - ly[j])
+        wj = _weight(self._lx[1], ys, j, y)
         lo = a + wj * (b - a)
         hi = c + wj * (d - c)
         return _exp(lo + wi * (hi - lo))
@@ -140,8 +146,7 @@ class Table:
             if xs[i] == x:
                 corners.append(((0, 1.0),))
             else:
-                lx = self._lx[d]
-                w = (_log(x) - lx[i]) / (lx[i + 1] - lx[i])
+                w = _weight(self._lx[d], xs, i, x)
                 corners.append(((0, 1.0 - w), (self._strides[d], w)))
         if all(len(c) == 1 for c in corners):
             return self._v[base]
@@ -223,9 +228,10 @@ def _check_table(name: str, t, where: str) -> None:
     for ax, xs in axes.items():
         if not isinstance(xs, list) or not xs:
             fail(f"axis {ax!r} must be a non-empty list")
-        for x in xs:
-            if not _is_num(x) or not math.isfinite(x) or x <= 0:
-                fail(f"axis {ax!r}: value {x!r} is not a finite positive number")
+        for i, x in enumerate(xs):
+            # only the first value may be 0 (interpolated linearly up to the next one)
+            if not _is_num(x) or not math.isfinite(x) or x < 0 or (x == 0 and i > 0):
+                fail(f"axis {ax!r}: value {x!r} is not a finite positive number (0 only as the first value)")
         if any(b <= a for a, b in zip(xs, xs[1:])):
             fail(f"axis {ax!r}: values must be strictly increasing, got {xs}")
         shape.append(len(xs))

@@ -121,6 +121,8 @@ class ProfiledCost(CostModel):
         #: expert parallelism: the profile times all experts on one GPU; a rank holds E / ep of them
         self._moe_by_experts = t.get("linear.moe_by_experts") if (self.model.is_moe and fallback.ep > 1) else None
         self._prefill = t.get(f"attention.prefill.{self.method.prefill_attention}")
+        # measured as bf16 KV with FlashAttention, so it stands for the uncompressed cache only
+        self._mixed = t.get("attention.mixed.flash") if self.method.name == "none" else None
         self._decode = t.get(f"attention.decode.{self.method.name}")
         self._decode_scaled = None
         if self._decode is None and self.method.name != "none":
@@ -281,10 +283,19 @@ class ProfiledCost(CostModel):
         if not shape.prefill_chunks:
             return self.decode_step_time_s(shape.num_decode_seqs, shape.decode_kept_tokens, shape.decode_max_kept)
         # decodes in a step that prefills are rows of one variable-length prefill call (vLLM V1): the
-        # profile's pure-decode table does not apply; the roofline fitted on this GPU's prefill kernel does
+        # profile's pure-decode table does not apply. One chunk with decodes is the shape the mixed table
+        # measured; otherwise the roofline fitted on this GPU's prefill kernel costs the decode rows
         B, kept, roof = shape.num_decode_seqs, shape.decode_kept_tokens, self.roof
-        return (self.dense_time_s(shape.num_tokens, shape.num_logit_tokens) + roof.mixed_decode_attention_time_s(B, kept)
-                + self.prefill_attention_time_s(shape.prefill_chunks)
+        attn = None
+        if self._mixed is not None and B and len(shape.prefill_chunks) == 1:
+            q, kv, _ = shape.prefill_chunks[0]
+            attn = self._mixed.lookup_at(q, kv - q, B, kept / B)
+            if attn is not None:
+                self.hits += 1
+                attn *= self.model.num_layers
+        if attn is None:
+            attn = roof.mixed_decode_attention_time_s(B, kept) + self.prefill_attention_time_s(shape.prefill_chunks)
+        return (self.dense_time_s(shape.num_tokens, shape.num_logit_tokens) + attn
                 + roof.mixed_skew_s(B, kept, shape.decode_max_kept, self._skew_mixed))
 
     def decode_step_time_s(self, num_seqs: int, kept_tokens_sum: int, max_kept: int = 0) -> float:

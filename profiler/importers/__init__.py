@@ -93,6 +93,18 @@ def table_2d(axis0: str, axis1: str, cells: dict[tuple[int, int], float | None])
     }
 
 
+def table_nd(axes: Sequence[str], cells: dict[tuple, float]) -> dict:
+    """A table with any number of axes on the product of the values present; ``null`` elsewhere."""
+    values = [sorted({k[d] for k in cells}) for d in range(len(axes))]
+
+    def build(d, prefix):
+        if d == len(axes):
+            return round_time(cells.get(prefix))
+        return [build(d + 1, prefix + (x,)) for x in values[d]]
+
+    return {"axes": {a: [int(x) for x in v] for a, v in zip(axes, values)}, "time_s": build(0, ())}
+
+
 def interp_loglog(x: float, x0: float, t0: float, x1: float, t1: float) -> float:
     """Linear interpolation in (log x, log t), the same rule kvsim uses between grid points."""
     if x0 == x1:
@@ -136,10 +148,11 @@ def resample_rows(rows: dict[int, dict[int, float]], axis1: Iterable[int] | None
 
 
 def check_table(name: str, table: dict) -> None:
-    """Schema-v1 grid rules: axes strictly increasing positive, time_s nested one level per axis."""
+    """Schema-v1 grid rules: axes strictly increasing, positive after an optional leading 0, time_s
+    nested one level per axis."""
     axes = table["axes"]
     for a, vals in axes.items():
-        if not vals or any(v <= 0 for v in vals) or any(b <= a_ for a_, b in zip(vals, vals[1:])):
+        if not vals or vals[0] < 0 or any(b <= a_ for a_, b in zip(vals, vals[1:])):
             raise AssertionError(f"table {name}: axis {a} is not strictly increasing positive: {vals[:8]}...")
     shape = [len(v) for v in axes.values()]
 

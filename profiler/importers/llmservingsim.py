@@ -27,17 +27,20 @@ Mapping:
                               kv_tokens = prefill_chunk + kv_prefill
     attention.decode.none     pure-decode rows (prefill_chunk = 0): batch_size = n_decode,
                               kv_tokens = kv_decode + 1 (the new token included)
+    attention.mixed.flash     mixed rows (one prefill chunk and n_decode decodes in one call), on the
+                              power-of-two grid: chunk_tokens = prefill_chunk, history_tokens =
+                              kv_prefill (from 0), batch_size = n_decode, kv_tokens = kv_decode + 1
     decode_skew_alpha         skew.csv: least-squares alpha of t_skew - t_mean = alpha (t_max - t_mean),
                               pure rows -> "decode", mixed rows -> "mixed" (not a table)
 
-Mixed rows (a prefill chunk and decodes in one call) have no schema table and are not imported;
-``skew_fit.csv`` (per-bucket alphas) is not read either. TP is emulated on one GPU by the source, so
+``skew_fit.csv`` (per-bucket alphas) is not read. TP is emulated on one GPU by the source, so
 there is no communication in any file and ``comm.all_reduce`` is always absent. See ``docs/reference-data.md``.
 """
 
 from __future__ import annotations
 
 import csv
+import math
 from collections import defaultdict
 from pathlib import Path
 
@@ -53,12 +56,17 @@ from profiler.importers import (
     sha256_of,
     table_1d,
     table_2d,
+    table_nd,
 )
 
 REPO = "https://github.com/casys-kaist/LLMServingSim"
 COMMIT = "5daddb21a545658d5150b535712d0494584b5278"
 LICENCE = "MIT (LICENSE, Copyright (c) 2024, CASYS Lab at KAIST)"
 US = 1e-6
+
+def _pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
 
 #: kvsim hardware name -> source hardware folder
 HARDWARE = {"rtx-pro-6000": "RTXPRO6000", "rtx-4090": "RTX4090"}
@@ -348,6 +356,7 @@ def build_profile(root: Path, model: str, hardware: str, tp: int = 1, *, source_
         arows = _read_csv(at_path, ["prefill_chunk", "kv_prefill", "n_decode", "kv_decode", "time_us"])
         pre: dict[int, dict[int, float]] = defaultdict(dict)
         dec: dict[tuple[int, int], float] = {}
+        mix: dict[tuple[int, int, int, int], float] = {}
         mixed = 0
         for line, r in arows:
             c, h, b, kv = (int(num(r[k], at_path, line, k)) for k in ("prefill_chunk", "kv_prefill", "n_decode", "kv_decode"))
@@ -362,12 +371,25 @@ def build_profile(root: Path, model: str, hardware: str, tp: int = 1, *, source_
                 dec[(b, kv + 1)] = t
             else:
                 mixed += 1
+                if _pow2(c) and _pow2(b) and _pow2(kv) and (h == 0 or _pow2(h)):
+                    if (c, h, b, kv + 1) in mix:
+                        raise SourceDataError(f"{at_path}:{line}: repeated mixed shape ({c}, {h}, {b}, {kv})")
+                    mix[(c, h, b, kv + 1)] = t
         cells, counts = resample_rows(pre)
         tables["attention.prefill.flash"] = table_2d("chunk_tokens", "kv_tokens", cells)
         tables["attention.decode.none"] = table_2d("batch_size", "kv_tokens", dec)
         mapping["attention.prefill.flash"].append("attention.csv:time_us of rows n_decode = 0")
         mapping["attention.decode.none"].append("attention.csv:time_us of rows prefill_chunk = 0")
         dec_missing = sum(1 for row in tables["attention.decode.none"]["time_s"] for v in row if v is None)
+        mix_note = "no mixed rows"
+        if mix:
+            tables["attention.mixed.flash"] = table_nd(("chunk_tokens", "history_tokens", "batch_size", "kv_tokens"), mix)
+            mapping["attention.mixed.flash"].append("attention.csv:time_us of rows prefill_chunk > 0 and n_decode > 0")
+            grid = tables["attention.mixed.flash"]["axes"]
+            cells_total = math.prod(len(v) for v in grid.values())
+            mix_note = (f"attention.mixed.flash from the {len(mix)} mixed rows on the power-of-two grid "
+                        f"({cells_total - len(mix)} null cells; {mixed - len(mix)} rows of the source's x1.5 grid "
+                        f"left out, they do not fill a grid): history_tokens = kv_prefill, kv_tokens = kv_decode + 1")
         notes.append(
             f"attention: one call of vLLM's Attention module for one layer (the KV-cache write of the new "
             f"tokens and the attention kernel; backend: vLLM's default for this GPU, not recorded). Prefill "
@@ -376,8 +398,7 @@ def build_profile(root: Path, model: str, hardware: str, tp: int = 1, *, source_
             f"(log-log along kv_tokens between two measured points of the same chunk row, never extrapolated: "
             f"rows are measured at row-specific totals chunk + history), null where kv_tokens < chunk_tokens or "
             f"beyond the row's largest history. Decode table from {len(dec)} pure-decode rows "
-            f"({dec_missing} null cells), kv_tokens = kv_decode + 1. {mixed} mixed prefill+decode rows not "
-            f"imported (no schema table; usable to check that prefill + decode times add up)."
+            f"({dec_missing} null cells), kv_tokens = kv_decode + 1. {mix_note}."
         )
         files.append(_rec(at_path, perf))
     else:
