@@ -3,8 +3,9 @@
 A profile holds measured kernel times as regular grids. ``Table.lookup`` interpolates linearly in
 (log axis, log time) and returns None outside the grid or next to a null point, so the caller falls
 back to the roofline. An axis may start at 0 (a history of no cached tokens); between 0 and its next
-value the axis weight is linear instead of logarithmic. No torch, no numpy on the lookup path: it runs ~1e5-1e6 times per replay, so
-everything it needs (log axes, log values, strides) is precomputed into plain lists at load.
+value the axis weight is linear instead of logarithmic. No torch, no numpy on the lookup path: it runs
+~1e5-1e6 times per replay, so everything it needs (log axes, log values, strides) is precomputed into
+plain lists at load.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ def _weight(lx, xs, i, x) -> float:
 
 
 class Table:
-    """One regular grid of times (seconds). ``axes`` ordered name -> strictly increasing positive values."""
+    """One regular grid of times (seconds). ``axes`` ordered name -> strictly increasing values, positive
+    after an optional leading 0."""
 
     __slots__ = ("name", "axis_names", "axes", "_ndim", "_x", "_lx", "_v", "_lv", "_strides", "_n0", "_n1")
 

@@ -64,6 +64,7 @@ COMMIT = "5daddb21a545658d5150b535712d0494584b5278"
 LICENCE = "MIT (LICENSE, Copyright (c) 2024, CASYS Lab at KAIST)"
 US = 1e-6
 
+
 def _pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
