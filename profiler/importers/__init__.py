@@ -14,17 +14,15 @@ from __future__ import annotations
 import argparse
 import hashlib
 import importlib
-import json
 import math
 import shlex
 import sys
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from kvsim.cost.profile import SCHEMA, SCHEMA_VERSION, write_profile
 from kvsim.errors import KvsimError
 
-SCHEMA = "kvsim-profile"
-SCHEMA_VERSION = 1
 SOURCES = ("vidur", "llmservingsim")
 #: significant digits kept for times in seconds (the sources resolve 1 us = 1e-6 s; 6 digits are lossless)
 TIME_DIGITS = 6
@@ -85,15 +83,10 @@ def table_1d(axis: str, points: dict[int, float]) -> dict:
 
 def table_2d(axis0: str, axis1: str, cells: dict[tuple[int, int], float | None]) -> dict:
     """A two-axis table on the product of the axis values present; ``null`` where no cell was given."""
-    xs = sorted({k[0] for k in cells})
-    ys = sorted({k[1] for k in cells})
-    return {
-        "axes": {axis0: [int(x) for x in xs], axis1: [int(y) for y in ys]},
-        "time_s": [[round_time(cells.get((x, y))) for y in ys] for x in xs],
-    }
+    return table_nd((axis0, axis1), cells)
 
 
-def table_nd(axes: Sequence[str], cells: dict[tuple, float]) -> dict:
+def table_nd(axes: Sequence[str], cells: dict[tuple, float | None]) -> dict:
     """A table with any number of axes on the product of the values present; ``null`` elsewhere."""
     values = [sorted({k[d] for k in cells}) for d in range(len(axes))]
 
@@ -147,28 +140,6 @@ def resample_rows(rows: dict[int, dict[int, float]], axis1: Iterable[int] | None
     return cells, {"measured_cells": measured, "interpolated_cells": interpolated}
 
 
-def check_table(name: str, table: dict) -> None:
-    """Schema-v1 grid rules: axes strictly increasing, positive after an optional leading 0, time_s
-    nested one level per axis."""
-    axes = table["axes"]
-    for a, vals in axes.items():
-        if not vals or vals[0] < 0 or any(b <= a_ for a_, b in zip(vals, vals[1:])):
-            raise AssertionError(f"table {name}: axis {a} is not strictly increasing positive: {vals[:8]}...")
-    shape = [len(v) for v in axes.values()]
-
-    def walk(node, depth):
-        if depth == len(shape):
-            if node is not None and not (isinstance(node, float) and node > 0):
-                raise AssertionError(f"table {name}: bad cell {node!r}")
-            return
-        if not isinstance(node, list) or len(node) != shape[depth]:
-            raise AssertionError(f"table {name}: level {depth} has the wrong length")
-        for c in node:
-            walk(c, depth + 1)
-
-    walk(table["time_s"], 0)
-
-
 def check_model_shape(model: str, expected: dict, where: str) -> str:
     """Compare the source's layer shape with kvsim's config of ``model``, if kvsim ships one.
 
@@ -198,46 +169,13 @@ def check_model_shape(model: str, expected: dict, where: str) -> str:
 # ---------------------------------------------------------------------------------------------------
 
 
-def _dumps(obj, indent: int = 0) -> str:
-    """JSON with dict structure indented and lists of scalars (and lists of such lists) kept on one
-    line per innermost list, so a 2-D table is one line per row: small files, readable diffs."""
-    pad = "  " * indent
-    if isinstance(obj, dict):
-        if not obj:
-            return "{}"
-        items = [f'{pad}  {json.dumps(k)}: {_dumps(v, indent + 1)}' for k, v in obj.items()]
-        return "{\n" + ",\n".join(items) + f"\n{pad}}}"
-    if isinstance(obj, list):
-        if all(not isinstance(v, (dict, list)) for v in obj):
-            return "[" + ", ".join(json.dumps(v) for v in obj) + "]"
-        if all(isinstance(v, list) and all(not isinstance(c, (dict, list)) for c in v) for v in obj):
-            rows = [f"{pad}  {_dumps(v)}" for v in obj]
-            return "[\n" + ",\n".join(rows) + f"\n{pad}]"
-        items = [f"{pad}  {_dumps(v, indent + 1)}" for v in obj]
-        return "[\n" + ",\n".join(items) + f"\n{pad}]"
-    return json.dumps(obj)
-
-
-def write_json(path: Path, profile: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(_dumps(profile) + "\n")
-
-
-def write(path: Path, profile: dict) -> str:
-    """Write with kvsim's ``write_profile`` (validates, writes atomically) when kvsim has it, else with
-    our own writer after our own grid checks. Returns which writer was used."""
-    for t, table in profile["tables"].items():
-        check_table(t, table)
-    try:
-        from kvsim.cost.profile import write_profile
-    except ImportError:  # the simulator side not installed / not written yet
-        write_json(path, profile)
-        return "kvprof writer"
+def write(path: Path, profile: dict) -> None:
+    """Validate and write atomically with kvsim's ``write_profile``; a grid that breaks the schema is
+    reported as bad source data."""
     try:
         write_profile(path, profile)
     except KvsimError as e:
         raise SourceDataError(f"the imported profile does not validate: {e}") from None
-    return "kvsim.cost.profile.write_profile"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -292,14 +230,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.name:
             profile["name"] = args.name
         profile["provenance"]["command"] = "kvprof import " + shlex.join(argv)
-        how = write(Path(args.out), profile)
+        write(Path(args.out), profile)
     except SourceDataError as e:
         print(f"kvprof import {args.source}: error: {e}", file=sys.stderr)
         return 2
     sizes = ", ".join(
         f"{t} ({'x'.join(str(len(v)) for v in tab['axes'].values())})" for t, tab in profile["tables"].items()
     )
-    print(f"wrote {args.out} [{how}]: {sizes}")
+    print(f"wrote {args.out} [kvsim.cost.profile.write_profile]: {sizes}")
     return 0
 
 
