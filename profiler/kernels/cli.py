@@ -77,8 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     if device != "cpu" and not device.startswith("cuda"):
         print(f"kvprof kernels: --device {device!r}: use cuda, cuda:N or cpu", file=sys.stderr)
         return 2
-    if device.startswith("cuda"):
-        torch.cuda.set_device(device)
+    if device.startswith("cuda") and torch.device(device).index is not None:
+        torch.cuda.set_device(device)  # plain "cuda" has no index, which some torch versions refuse here
     command = "kvprof kernels " + shlex.join(argv)
     try:
         raw = G.run_grid(args.out, model, methods, device=device, dtype=getattr(torch, args.dtype), tp=args.tp,
