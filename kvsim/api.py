@@ -62,7 +62,7 @@ def resolve_method(method, config: EngineConfig) -> Method:
 
 
 def make_spec(model="llama-3.1-8b", hardware="h100", method=None, config: EngineConfig | None = None,
-              profile=None, slo: SLO | None = None, auto_profile: bool = True) -> RunSpec:
+              profile=None, slo: SLO | None = None, auto_profile: bool = True, engine: str | None = None) -> RunSpec:
     mspec = model if isinstance(model, ModelSpec) else load_model(model)
     hw = hardware if isinstance(hardware, HardwareSpec) else load_hardware(hardware)
     cfg = config or EngineConfig()
@@ -77,7 +77,12 @@ def make_spec(model="llama-3.1-8b", hardware="h100", method=None, config: Engine
     elif auto_profile:
         from kvsim.cost.profiled import find_profile
         prof = find_profile(mspec.name, hw.name, cfg.tensor_parallel_size)
-    return RunSpec(mspec, hw, meth, cfg, prof, slo or SLO())
+    from kvsim.cost.engines import engine_params
+
+    params = engine_params(engine)
+    if params is not None and prof is not None and profile is None:
+        prof = None  # a committed kernel profile is vLLM's kernels; another engine's fitted step model wins
+    return RunSpec(mspec, hw, meth, cfg, prof, slo or SLO(), params)
 
 
 def make_cost(spec: RunSpec) -> CostModel:
@@ -93,11 +98,11 @@ def make_cost(spec: RunSpec) -> CostModel:
 
 def length_ratio_for(spec: RunSpec) -> LengthRatio:
     if spec.profile is not None:
-        measured = (getattr(spec.profile, "lengths", None) or {}).get(spec.method.spec_string())
+        measured = (getattr(spec.profile, "lengths", None) or {}).get(spec.method.algorithm_spec())
         if measured:
             return LengthRatio(source=f"measured: profile {spec.profile.name}", samples=tuple(measured["ratios"]))
     from kvsim.cost.profiled import measured_lengths
-    found = measured_lengths(spec.method.spec_string())
+    found = measured_lengths(spec.method.algorithm_spec())
     return found if found is not None else spec.method.default_length_ratio()
 
 

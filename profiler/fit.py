@@ -120,6 +120,10 @@ def fit(raw, name: str | None = None, hardware: str | None = None, step_overhead
     methods = dict(header.get("methods") or {})
     for s in sessions:
         methods.update(s.get("methods") or {})
+    from profiler.kernels.grid import KERNEL_IMPLEMENTATIONS
+
+    # raw files written before the header recorded it: the kernels then were the same ones
+    impls = {m: (header.get("implementations") or {}).get(m, KERNEL_IMPLEMENTATIONS.get(m)) for m in methods}
     profile = {
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,
@@ -132,7 +136,8 @@ def fit(raw, name: str | None = None, hardware: str | None = None, step_overhead
             "source": "kvprof kernels", "command": header.get("command"), "device": header.get("device"),
             "driver": header.get("driver"), "torch": header.get("torch"), "cuda": header.get("cuda"),
             "date": header.get("date"), "grid": header.get("grid"), "decode_kv": header.get("decode_kv"),
-            "block_size": header.get("block_size"), "methods": methods, "timing": header.get("timing"),
+            "block_size": header.get("block_size"), "methods": methods, "implementations": impls,
+            "timing": header.get("timing"),
             "resumed_sessions": [s.get("date") for s in sessions], "raw": str(rpath), "fit_command": command,
         },
         "step_overhead_s": step_overhead_s,

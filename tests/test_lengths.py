@@ -39,7 +39,7 @@ def test_specs_are_canonical_and_match_kvsim():
             kv = kv_parse(text)
         except Exception:  # noqa: BLE001,S112  (method not in kvsim yet)
             continue
-        assert kv.spec_string() == parse_method(text).spec
+        assert kv.algorithm_spec() == parse_method(text).spec
 
 
 def _lcs_dp(a, b):

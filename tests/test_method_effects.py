@@ -36,9 +36,9 @@ def test_none_gives_exactly_the_core_results():
     assert {k: v for k, v in base.summary.items() if k != "sim"} == {k: v for k, v in named.summary.items() if k != "sim"}
 
 
-def test_h2o_prefill_slower_than_none_on_long_prompts():
+def test_h2o_reference_prefill_slower_than_none_on_long_prompts():
     none = RooflineCost(MODEL, H100, parse_method("none"))
-    h2o = RooflineCost(MODEL, H100, parse_method("h2o"))
+    h2o = RooflineCost(MODEL, H100, parse_method("h2o:impl=reference"))
     shape = StepShape(0, 0, [(8192, 8192, True)])
     assert h2o.step_time_s(shape) > 1.2 * none.step_time_s(shape)
     # and the gap grows with the prompt (materialised scores are quadratic)
@@ -46,8 +46,23 @@ def test_h2o_prefill_slower_than_none_on_long_prompts():
     assert h2o.step_time_s(shape) / none.step_time_s(shape) > h2o.step_time_s(short) / none.step_time_s(short)
 
 
+def test_h2o_measured_prefill_loses_most_at_short_prompts_and_small_batches():
+    """The measured LMDeploy score kernel: a fixed host cost per step plus a linear pass, so the relative
+    loss shrinks with the prompt and with the batch (the seed paper's measurement), the opposite of the
+    quadratic reference."""
+    none = RooflineCost(MODEL, H100, parse_method("none"))
+    h2o = RooflineCost(MODEL, H100, parse_method("h2o"))
+
+    def ratio(b, p):
+        shape = StepShape(0, 0, [(p, p, True)] * b)
+        return none.step_time_s(shape) / h2o.step_time_s(shape)
+
+    assert ratio(1, 256) < ratio(1, 1024) < ratio(1, 4096) < 1.0
+    assert ratio(1, 512) < ratio(4, 512) < ratio(16, 512) < 1.0
+
+
 def test_kivi2_cuts_kv_bytes_by_the_expected_factor():
-    kivi = parse_method("kivi:bits=2,group_size=32,residual_length=128")
+    kivi = parse_method("kivi:bits=2,group_size=32,residual_length=128,impl=reference")
     full = MODEL.kv_bytes_per_token()
     # 2-bit K and V plus fp16 scale and zero per group of 32: 2 + 2*16*2/32 = 4 bits per element... counted
     # by hand: per layer per KV head, 2*128 elements * 2 bits = 64 B, metadata 2 tensors * 4 groups * 2 * 2 B = 32 B
@@ -55,7 +70,7 @@ def test_kivi2_cuts_kv_bytes_by_the_expected_factor():
     assert kivi.bytes_per_token(MODEL) == pytest.approx(per_token)
     assert full / kivi.bytes_per_token(MODEL) == pytest.approx(16 / 3)
     res_none = api.replay(trace(n=5), method="none", auto_profile=False)
-    res_kivi = api.replay(trace(n=5), method="kivi:bits=2", auto_profile=False)
+    res_kivi = api.replay(trace(n=5), method="kivi:bits=2,impl=reference", auto_profile=False)
     assert res_kivi.summary["kv_bytes_saved_fraction"] == pytest.approx(1 - 3 / 16)
     assert res_kivi.summary["kv_tokens_per_replica"] > 5 * res_none.summary["kv_tokens_per_replica"]
 
@@ -88,12 +103,23 @@ def test_more_free_memory_lets_more_sequences_run_at_once():
 
 
 def test_eviction_bounds_blocks_and_budget_is_never_exceeded():
-    h2o = parse_method("h2o:budget=256,window=32")
+    h2o = parse_method("h2o:budget=256,window=32,impl=reference")
     res = api.replay(trace(n=20, prompt=2000, output=300), method=h2o, config=EngineConfig(enable_prefix_caching=False),
                      auto_profile=False, check_invariants=True)
     assert res.summary["completed"] == 20
     for ctx in range(2000, 2400):
         assert h2o.kept_tokens(2000, ctx) <= 256
+
+
+def test_lmdeploy_cut_then_growth_is_what_the_blocks_hold():
+    """LMDeploy's H2O cuts once to the budget and then grows: the replay holds exactly that many blocks."""
+    h2o = parse_method("h2o:budget=256,window=32")
+    res = api.replay(trace(n=20, prompt=2000, output=300), method=h2o, config=EngineConfig(enable_prefix_caching=False),
+                     auto_profile=False, check_invariants=True)
+    assert res.summary["completed"] == 20
+    cut = 3 * 64 + 2000 % 64  # three whole blocks and the prompt's partial last one
+    assert h2o.kept_tokens(2000, 2000) == cut
+    assert [h2o.kept_tokens(2000, 2000 + g) for g in (1, 100, 299)] == [cut + 1, cut + 100, cut + 299]
 
 
 @pytest.mark.parametrize("name", sorted(all_methods()))

@@ -25,35 +25,46 @@ NAMES = sorted(all_methods())
 #: knob names, defaults and order are fixed (other code and measurement runs use them)
 EXPECTED_KNOBS = {
     "none": {},
-    "fp8": {},
-    "kivi": {"bits": 2, "group_size": 32, "residual_length": 128},
-    "gear": {"bits": 4, "rank_ratio": 0.02, "outlier_ratio": 0.02},
-    "h2o": {"budget": 256, "window": 32},
-    "streamingllm": {"sink": 4, "window": 252},
-    "snapkv": {"budget": 256, "window": 32, "kernel_size": 7},
-    "pyramidkv": {"budget": 256, "window": 32, "kernel_size": 7, "beta": 20},
-    "h2o_kivi": {"budget": 256, "window": 32, "bits": 4, "group_size": 32, "residual_length": 128},
+    "fp8": {"impl": "auto"},
+    "kivi": {"bits": 2, "group_size": 32, "residual_length": 128, "impl": "lmdeploy"},
+    "gear": {"bits": 4, "rank_ratio": 0.02, "outlier_ratio": 0.02, "impl": "lmdeploy"},
+    "h2o": {"budget": 256, "window": 32, "impl": "lmdeploy"},
+    "streamingllm": {"sink": 4, "window": 252, "impl": "lmdeploy"},
+    "snapkv": {"budget": 256, "window": 32, "kernel_size": 7, "impl": "composed"},
+    "pyramidkv": {"budget": 256, "window": 32, "kernel_size": 7, "impl": "composed", "beta": 20},
+    "h2o_kivi": {"budget": 256, "window": 32, "bits": 4, "group_size": 32, "residual_length": 128, "impl": "composed"},
 }
 
-#: (paged, prefill path, shares prefix) as documented in docs/methods.md
+#: (paged, prefill path, shares prefix) of the default implementations, as documented in docs/methods.md
 EXPECTED_LAYOUT = {
     "none": (True, "flash", True),
     "fp8": (True, "flash", True),
-    "kivi": (False, "flash", False),
-    "gear": (False, "flash", False),
-    "h2o": (False, "eager", False),
+    "kivi": (True, "flash", False),
+    "gear": (True, "flash", False),
+    "h2o": (True, "flash", False),
     "streamingllm": (True, "flash", False),
     "snapkv": (True, "flash", False),
     "pyramidkv": (True, "flash", False),
-    "h2o_kivi": (False, "eager", False),
+    "h2o_kivi": (True, "flash", False),
+}
+#: the same for the first-principles reference implementations, where the layout differs
+REFERENCE_LAYOUT = {
+    "kivi:impl=reference": (False, "flash", False),
+    "gear:impl=reference": (False, "flash", False),
+    "h2o:impl=reference": (False, "eager", False),
+    "streamingllm:impl=sliding": (True, "flash", False),
+    "h2o_kivi:impl=reference": (False, "eager", False),
 }
 
 #: default plus non-default settings, for the kept-token contract
-CONTRACT_SPECS = [name for name in NAMES] + [
+CONTRACT_SPECS = [name for name in NAMES] + list(REFERENCE_LAYOUT) + [
     "h2o:budget=64,window=8", "h2o:budget=2,window=1", "streamingllm:sink=0,window=16",
     "streamingllm:sink=4,window=1", "snapkv:budget=40,window=8,kernel_size=1",
     "pyramidkv:budget=100,window=10,kernel_size=5,beta=1", "h2o_kivi:budget=96,window=16,bits=2,group_size=16,residual_length=32",
-    "kivi:bits=4,group_size=64,residual_length=64",
+    "kivi:bits=4,group_size=64,residual_length=64", "h2o:budget=64,window=8,impl=reference",
+    "h2o:budget=2,window=1,impl=reference", "streamingllm:sink=0,window=16,impl=sliding",
+    "streamingllm:sink=4,window=1,impl=sliding", "snapkv:budget=40,window=8,kernel_size=1,impl=reference",
+    "h2o_kivi:budget=96,window=16,bits=2,group_size=16,residual_length=32,impl=reference",
 ]
 PROMPTS = [1, 2, 7, 31, 64, 255, 256, 257, 1000, 3000]
 
@@ -89,9 +100,16 @@ def test_constructs_with_defaults_and_spec_round_trips(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_class_metadata(name):
     cls = all_methods()[name]
+    m = cls()
     assert cls.paper and cls.runtime_needs and (cls.__doc__ or "").strip()
-    assert cls.prefill_attention in ("flash", "eager")
-    assert (cls.paged, cls.prefill_attention, cls.shares_prefix) == EXPECTED_LAYOUT[name]
+    assert m.prefill_attention in ("flash", "eager")
+    assert (m.paged, m.prefill_attention, m.shares_prefix) == EXPECTED_LAYOUT[name]
+
+
+@pytest.mark.parametrize("spec", sorted(REFERENCE_LAYOUT))
+def test_reference_layouts(spec):
+    m = parse_method(spec)
+    assert (m.paged, m.prefill_attention, m.shares_prefix) == REFERENCE_LAYOUT[spec]
 
 
 def test_typed_values_from_yaml_are_coerced_or_refused():
@@ -137,25 +155,36 @@ def test_budget_never_exceeded_after_prefill(spec):
     cap = knobs["budget"] if "budget" in knobs else knobs["sink"] + knobs["window"] if "sink" in knobs else None
     if cap is None:
         return
+    block_cut = getattr(m, "impl", None) in ("lmdeploy", "composed") and m.name in ("h2o", "streamingllm", "h2o_kivi")
     for prompt in PROMPTS:
         after_prefill = m.kept_tokens(prompt, prompt)
-        assert after_prefill == min(prompt, cap)
+        if block_cut:  # whole 64-token blocks, the last one partial: never above the budget
+            expect = prompt if prompt <= cap else (max(1, cap // 64) - 1) * 64 + (prompt % 64 or 64)
+            assert after_prefill == min(prompt, expect) <= min(prompt, max(cap, 64))
+        else:
+            assert after_prefill == min(prompt, cap)
         if m.kept_limit(prompt) is None:  # compress-once: the prompt part never exceeds the budget
-            assert m.kept_tokens(prompt, prompt + 500) == min(prompt, cap) + 500
+            assert m.kept_tokens(prompt, prompt + 500) == after_prefill + 500
         else:
             assert m.kept_limit(prompt) == cap
             assert max(m.kept_tokens(prompt, c) for c in range(prompt, prompt + 2 * cap)) <= cap
 
 
 def test_kept_counts_by_hand():
-    assert default("h2o").kept_tokens(5000, 6000) == 256
+    # LMDeploy's cut: budget 256 = 4 blocks of 64, the last one partial (5000 = 78 x 64 + 8): 3 x 64 + 8,
+    # then every generated token appended
+    assert default("h2o").kept_tokens(5000, 6000) == 3 * 64 + 8 + 1000
+    assert default("h2o").kept_tokens(5056, 5057) == 256 + 1
+    assert default("streamingllm").kept_tokens(5000, 6000) == 3 * 64 + 8 + 1000
+    assert parse_method("h2o:impl=reference").kept_tokens(5000, 6000) == 256
     assert default("h2o").kept_tokens(100, 150) == 150
-    assert default("streamingllm").kept_tokens(5000, 6000) == 256
+    assert parse_method("streamingllm:impl=sliding").kept_tokens(5000, 6000) == 256
     assert default("snapkv").kept_tokens(1000, 1100) == 356
     assert default("snapkv").kept_tokens(100, 150) == 150
     assert default("pyramidkv").kept_tokens(1000, 1100) == 356
     assert default("kivi").kept_tokens(1000, 1100) == 1100
-    assert default("h2o_kivi").kept_limit(10) == 256
+    assert parse_method("h2o_kivi:impl=reference").kept_limit(10) == 256
+    assert default("h2o_kivi").kept_limit(10) is None
 
 
 def test_pyramidkv_layer_budgets_follow_the_reference():
@@ -181,35 +210,45 @@ def test_bytes_per_token_hand_counts_llama8b():
     assert default("fp8").bytes_per_token(LLAMA8B) == 65536  # x 1 B
     # KIVI-2, G=32: per layer and head, K and V codes 2 x 128 x 2/8 = 64 B, key scales/zeros 128 x 4 B / 32 = 16 B,
     # value scales/zeros 128/32 groups x 4 B = 16 B: 96 B x 8 heads x 32 layers
-    assert default("kivi").bytes_per_token(LLAMA8B) == 96 * 8 * 32 == 24576
-    assert make_method("kivi", bits=4).bytes_per_token(LLAMA8B) == 160 * 8 * 32 == 40960
+    kivi = parse_method("kivi:impl=reference")
+    assert kivi.bytes_per_token(LLAMA8B) == 96 * 8 * 32 == 24576
+    assert make_method("kivi", bits=4, impl="reference").bytes_per_token(LLAMA8B) == 160 * 8 * 32 == 40960
     # residual tail: 128 tokens x (131072 - 24576) B
-    assert default("kivi").extra_bytes_per_seq(LLAMA8B) == 128 * (131072 - 24576)
+    assert kivi.extra_bytes_per_seq(LLAMA8B) == 128 * (131072 - 24576)
+    # LMDeploy's per-token blocks: per layer and KV head, K and V each 128 x bits/8 B of codes + fp16 scale
+    # and zero (4 B): 2 x (32 + 4) = 72 B at 2 bits, 2 x (64 + 4) = 136 B at 4; one 64-token fp16 block
+    assert default("kivi").bytes_per_token(LLAMA8B) == 72 * 8 * 32 == 18432
+    assert make_method("kivi", bits=4).bytes_per_token(LLAMA8B) == 136 * 8 * 32 == 34816
+    assert default("kivi").extra_bytes_per_seq(LLAMA8B) == 64 * (131072 - 18432)
+    assert default("gear").bytes_per_token(LLAMA8B) == 34816 and default("gear").extra_bytes_per_seq(LLAMA8B) == 0
     # GEAR-4: codes 65536 x 4/8 + scales 65536 x 4 B / 64 + outliers 2% x 65536 x (2 + 4) B
     #         + low rank r = int(0.02 x 128) = 2: 2 x 32 x 8 x 2 x 2 B x (1 + 128/64)
     gear = 32768 + 4096 + 0.02 * 65536 * 6 + 2 * 32 * 8 * 2 * 2 * 3
-    assert default("gear").bytes_per_token(LLAMA8B) == pytest.approx(gear) == pytest.approx(50872.32)
-    assert default("gear").extra_bytes_per_seq(LLAMA8B) == pytest.approx(64 * (131072 - gear))
+    gear_ref = parse_method("gear:impl=reference")
+    assert gear_ref.bytes_per_token(LLAMA8B) == pytest.approx(gear) == pytest.approx(50872.32)
+    assert gear_ref.extra_bytes_per_seq(LLAMA8B) == pytest.approx(64 * (131072 - gear))
     for name in ("h2o", "streamingllm", "snapkv", "pyramidkv"):
         assert default(name).bytes_per_token(LLAMA8B) == 131072
         assert default(name).extra_bytes_per_seq(LLAMA8B) == 0
-    assert default("h2o_kivi").bytes_per_token(LLAMA8B) == 40960
-    assert default("h2o_kivi").extra_bytes_per_seq(LLAMA8B) == 128 * (131072 - 40960)
-    assert make_method("h2o_kivi", budget=64, residual_length=128).extra_bytes_per_seq(LLAMA8B) == 64 * (131072 - 40960)
+    hk = parse_method("h2o_kivi:impl=reference")
+    assert hk.bytes_per_token(LLAMA8B) == 40960
+    assert hk.extra_bytes_per_seq(LLAMA8B) == 128 * (131072 - 40960)
+    assert make_method("h2o_kivi", budget=64, residual_length=128, impl="reference").extra_bytes_per_seq(LLAMA8B) == 64 * (131072 - 40960)
+    assert default("h2o_kivi").bytes_per_token(LLAMA8B) == 34816
 
 
 def test_kivi2_cuts_bytes_by_16_over_2_minus_metadata():
-    ratio = default("none").bytes_per_token(LLAMA8B) / default("kivi").bytes_per_token(LLAMA8B)
+    ratio = default("none").bytes_per_token(LLAMA8B) / parse_method("kivi:impl=reference").bytes_per_token(LLAMA8B)
     assert ratio == pytest.approx(16 / (2 + 1))  # 2 bits of code + 1 bit of scale/zero per element at G=32
     assert 5 < ratio < 8
-    coarse = make_method("kivi", group_size=128, residual_length=128)
+    coarse = make_method("kivi", group_size=128, residual_length=128, impl="reference")
     assert default("none").bytes_per_token(LLAMA8B) / coarse.bytes_per_token(LLAMA8B) == pytest.approx(16 / 2.25)
 
 
 def test_kivi_value_groups_round_up():
     # head_dim 80, G=32: key scales 80 x 4 / 32 = 10 B, value scales ceil(80/32) = 3 groups x 4 B = 12 B (fp16)
     per_layer_head = 2 * 80 * 2 / 8 + 10 + 12
-    assert default("kivi").bytes_per_token(ODD) == pytest.approx(3 * 6 * per_layer_head)
+    assert parse_method("kivi:impl=reference").bytes_per_token(ODD) == pytest.approx(3 * 6 * per_layer_head)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -228,33 +267,41 @@ def test_memory_positive_and_split_by_tensor_parallelism(name):
 
 def _check(w):
     assert isinstance(w, Work)
-    assert w.flops >= 0 and w.bytes >= 0 and math.isfinite(w.flops) and math.isfinite(w.bytes)
+    for f in ("flops", "bytes", "alu_ops", "host_s"):
+        v = getattr(w, f)
+        assert v >= 0 and math.isfinite(v)
     return w
 
 
-def _mono(works):
+def _mono(works, fields=("flops", "bytes", "alu_ops", "host_s")):
     for a, b in zip(works, works[1:]):
-        assert b.flops >= a.flops - 1e-6 and b.bytes >= a.bytes - 1e-6
+        for f in fields:
+            assert getattr(b, f) >= getattr(a, f) - 1e-6
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("spec", NAMES + sorted(REFERENCE_LAYOUT))
 @pytest.mark.parametrize("tp", [1, 2])
-def test_work_non_negative_and_monotone(name, tp):
-    m = default(name)
+def test_work_non_negative_and_monotone(spec, tp):
+    m = parse_method(spec)
     for fn in (m.decode_attention_work, m.decode_extra_work):
         for seqs in (1, 4, 64):
             _mono([_check(fn(LLAMA8B, tp, seqs, seqs * k)) for k in (0, 1, 16, 255, 256, 257, 4096)])
-        _mono([_check(fn(LLAMA8B, tp, s, 4096)) for s in (1, 2, 8, 64)])
+        # at a fixed kept sum more sequences hold more of it in their full-precision recent blocks, so
+        # the dequantising part may shrink; the traffic does not
+        _mono([_check(fn(LLAMA8B, tp, s, 4096)) for s in (1, 2, 8, 64)], ("flops", "bytes"))
     for last in (False, True):
         for q in (1, 16, 512):
             _mono([_check(m.prefill_attention_work(LLAMA8B, tp, q, kv)) for kv in (q, q + 1, q + 255, 4096, 32768)])
-            _mono([_check(m.prefill_extra_work(LLAMA8B, tp, q, kv, last)) for kv in (q, q + 1, q + 255, 4096, 32768)])
+            extra = [_check(m.prefill_extra_work(LLAMA8B, tp, q, kv, last)) for kv in (q, q + 1, q + 255, 4096, 32768)]
+            if m.name != "streamingllm":  # its post-prefill copy follows the prompt's partial last block
+                _mono(extra)
         _mono([_check(m.prefill_attention_work(LLAMA8B, tp, q, 8192)) for q in (1, 2, 64, 1024, 8192)])
         _mono([_check(m.prefill_extra_work(LLAMA8B, tp, q, 8192, last)) for q in (1, 2, 64, 1024, 8192)])
+        _check(m.prefill_call_work(LLAMA8B, tp, [(q, 8192, last)]))
 
 
 def test_h2o_eager_prefill_adds_the_quadratic_score_traffic():
-    none, h2o = default("none"), default("h2o")
+    none, h2o = default("none"), parse_method("h2o:impl=reference")
     diffs = []
     for n in (4096, 8192):
         w_none, w_h2o = none.prefill_attention_work(LLAMA8B, 1, n, n), h2o.prefill_attention_work(LLAMA8B, 1, n, n)
@@ -267,23 +314,23 @@ def test_h2o_eager_prefill_adds_the_quadratic_score_traffic():
 def test_decode_reads_follow_the_storage_format():
     none = default("none").decode_attention_work(LLAMA8B, 1, 8, 8 * 4096)
     fp8 = default("fp8").decode_attention_work(LLAMA8B, 1, 8, 8 * 4096)
-    kivi = default("kivi").decode_attention_work(LLAMA8B, 1, 8, 8 * 4096)
+    kivi = parse_method("kivi:impl=reference").decode_attention_work(LLAMA8B, 1, 8, 8 * 4096)
     assert fp8.bytes == pytest.approx((none.bytes + 8 * 2 * 32 * 128 * 2) / 2, rel=1e-3)
     assert kivi.bytes < fp8.bytes < none.bytes
     assert kivi.flops > fp8.flops > none.flops  # dequantization in the kernel
 
 
 def test_method_specific_extra_work():
-    for name in ("none", "streamingllm", "snapkv", "pyramidkv"):
+    for name in ("none", "h2o", "streamingllm", "snapkv", "pyramidkv"):
         assert default(name).decode_extra_work(LLAMA8B, 1, 8, 8 * 1000) == Work()
-    h2o = default("h2o")
+    h2o = parse_method("h2o:impl=reference")
     w1, w2 = h2o.decode_extra_work(LLAMA8B, 1, 8, 1000), h2o.decode_extra_work(LLAMA8B, 1, 8, 2000)
     assert w2.bytes == pytest.approx(2 * w1.bytes) and w1.bytes > 0  # linear in kept tokens
     # SnapKV compresses once, on the last chunk, and only prompts longer than the budget
-    snap = default("snapkv")
-    assert snap.prefill_extra_work(LLAMA8B, 1, 512, 4096, False) == Work()
-    assert snap.prefill_extra_work(LLAMA8B, 1, 200, 200, True) == Work()
-    assert snap.prefill_extra_work(LLAMA8B, 1, 512, 4096, True).flops > 0
+    for snap in (default("snapkv"), parse_method("snapkv:impl=reference")):
+        assert snap.prefill_extra_work(LLAMA8B, 1, 512, 4096, False) == Work()
+        assert snap.prefill_extra_work(LLAMA8B, 1, 200, 200, True) == Work()
+        assert snap.prefill_extra_work(LLAMA8B, 1, 512, 4096, True).flops > 0
     # quantizers pay per new token
     for name in ("fp8", "kivi", "gear"):
         m = default(name)
@@ -298,7 +345,10 @@ BAD = [
     ("kivi:group_size=0", "group_size", "0", "positive"),
     ("kivi:residual_length=-128", "residual_length", "-128", "positive"),
     ("kivi:residual_length=100", "residual_length", "100", "multiple of group_size=32"),
-    ("gear:bits=5", "bits", "5", "supported"),
+    ("gear:bits=5,impl=reference", "bits", "5", "supported"),
+    ("gear:bits=2", "bits", "2", "impl=lmdeploy is LMDeploy's int4 cache"),
+    ("kivi:impl=hf", "impl", "'hf'", "supported: lmdeploy, reference"),
+    ("fp8:impl=fast", "impl", "'fast'", "supported: auto, native, software"),
     ("gear:rank_ratio=1.0", "rank_ratio", "1.0", "[0, 1)"),
     ("gear:outlier_ratio=-0.1", "outlier_ratio", "-0.1", "[0, 1)"),
     ("h2o:budget=32", "budget", "32", "budget below the window"),
@@ -325,12 +375,14 @@ def test_bad_knob_values_name_knob_and_value(spec, knob, value, why):
 
 
 def test_unknown_knob_and_bad_type():
-    with pytest.raises(ConfigError, match=r"unknown knob 'bogus'.*bits, group_size, residual_length"):
+    with pytest.raises(ConfigError, match=r"unknown knob 'bogus'.*bits, group_size, impl, residual_length"):
         parse_method("kivi:bogus=1")
     with pytest.raises(ConfigError, match=r"budget='abc' is not a valid int"):
         parse_method("h2o:budget=abc")
     with pytest.raises(ConfigError, match="unknown knob"):
         parse_method("fp8:bits=8")
+    with pytest.raises(ConfigError, match="unknown knob"):
+        parse_method("none:impl=lmdeploy")
 
 
 # -- output length -----------------------------------------------------------------------------------
@@ -369,4 +421,7 @@ def test_format_methods_lists_every_method():
         assert cls.paper in text
         for knob in cls.knobs():
             assert f"{knob}=" in text
+        for impl in cls.IMPLEMENTATIONS.values():
+            assert f"impl={impl.name}" in text and impl.basis in text
     assert "contiguous per request" in text and "eager" in text
+    assert "measured" in text and "composed" in text and "first principles" in text

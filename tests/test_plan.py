@@ -108,7 +108,7 @@ def test_max_rate_brackets_the_boundary(planner):
 def test_plan_capacity_table_and_gpu_hours(tmp_path):
     res = plan_capacity(SAMPLE, SLO_TEXT, ["none", "kivi:bits=2"], tensor_parallel_sizes=(1, 2), max_rate=True,
                         rate_tol=0.1, out_dir=tmp_path, **KW)
-    assert [r["method"] for r in res.rows] == ["none", "kivi:bits=2,group_size=32,residual_length=128"]
+    assert [r["method"] for r in res.rows] == ["none", "kivi:bits=2,group_size=32,residual_length=128,impl=lmdeploy"]
     assert len(res.candidates) == 4
     for r in res.rows:
         assert r["status"] == "ok"

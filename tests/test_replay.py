@@ -19,7 +19,7 @@ from kvsim.workload.readers import read_trace  # noqa: E402
 from kvsim.workload.request import Request  # noqa: E402
 from profiler.kernels import ops  # noqa: E402
 from profiler.replay.engine import STEP_COLUMNS, ReplayEngine, prompt_ids  # noqa: E402
-from profiler.replay.kvstore import Item, SeqKV, length_buckets, store_class, token_groups  # noqa: E402
+from profiler.replay.kvstore import Item, SeqKV, length_buckets, store_class, store_method, token_groups  # noqa: E402
 from profiler.replay.model import Llama, load_config  # noqa: E402
 
 CFG, SPEC = load_config(None, tiny=True)
@@ -35,7 +35,7 @@ def model():
 
 
 def make_store(method: str, num_blocks=512, max_num_seqs=8, block_size=BS, max_attn_tokens=None, backend="ops"):
-    m = parse_method(method)
+    m = store_method(parse_method(method), method)
     kw = {"max_attn_tokens": max_attn_tokens} if max_attn_tokens else {}
     return store_class(m)(CFG, m, num_blocks, block_size, "cpu", torch.float32, max_num_seqs, backend, **kw), m
 
@@ -311,7 +311,7 @@ def trace(n=6, seed=3, gap=0.02):
 
 
 def run_engine(model, reqs, method="none", num_blocks=512, mnbt=64, mns=8, chunked=True):
-    m = parse_method(method)
+    m = store_method(parse_method(method), method)
     cfg = EngineConfig(max_num_seqs=mns, max_num_batched_tokens=mnbt, max_model_len=4096, block_size=BS,
                        enable_chunked_prefill=chunked, enable_prefix_caching=False)
     store = store_class(m)(CFG, m, num_blocks, BS, "cpu", torch.float32, mns, "ops")
@@ -362,7 +362,7 @@ def test_engine_runs_methods_and_reports_kept_tokens(model, base_run, method):
     reqs = trace()
     eng = run_engine(model, reqs, method)
     base = base_run
-    m = parse_method(method)
+    m = store_method(parse_method(method), method)
     for r in eng.rec.rows:
         assert r["status"] == "completed" and r["output_tokens"] == r["trace_output_tokens"]
     lim = m.kept_limit(10**6)
@@ -413,7 +413,7 @@ def test_cli_writes_a_measured_case(tmp_path):
     cfg, extra = config_from_mapping({k: v for k, v in run.items() if k != "case_id"}, source="run.yaml")
     assert cfg.num_gpu_blocks_override is None and extra["num_gpu_blocks"] == 40
     assert cfg.block_size == 4 and cfg.max_num_batched_tokens == 48 and not cfg.enable_prefix_caching
-    assert parse_method(extra["method"]).spec_string() == "streamingllm:sink=2,window=14"
+    assert parse_method(extra["method"]).spec_string() == "streamingllm:sink=2,window=14,impl=sliding"
     assert (out / "model_config.json").is_file() and run["model"].endswith("model_config.json")
 
 
@@ -435,6 +435,6 @@ def test_cli_case_loads_in_kvsim_validate(tmp_path):
     run["hardware"] = "h100"  # stand-in: kvsim has no CPU hardware spec
     (out / "run.yaml").write_text(yaml.safe_dump(run))
     case = validate.load_case(out)
-    assert case.method == "h2o:budget=16,window=4" and case.config.block_size == 16
+    assert case.method == "h2o:budget=16,window=4,impl=reference" and case.config.block_size == 16
     reqs = validate.case_requests(case)
     assert len(reqs) == 3 and case.steps_csv is not None

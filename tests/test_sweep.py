@@ -45,7 +45,7 @@ def test_load_grid_axes_settings_and_method_expansion(tmp_path):
         "grid:\n  max-num-seqs: [64]\n")
     g = load_grid(p)
     assert g.settings == {"trace": "traces/sample.jsonl", "slo": "ttft_ms:p99=2000,tpot_ms:p99=100", "limit": 10}
-    assert g.axes["method"] == ["none", "h2o:budget=128,window=32", "h2o:budget=256,window=32"]
+    assert g.axes["method"] == ["none", "h2o:budget=128,window=32,impl=lmdeploy", "h2o:budget=256,window=32,impl=lmdeploy"]
     assert g.axes["model"] == ["llama-3.1-8b"] and g.axes["max_num_seqs"] == [64]
     assert len(g) == 1 * 2 * 3 * 2 * 1 == len(g.cells())
     c = g.cells()[0]
@@ -67,7 +67,7 @@ def test_cell_id_is_stable_and_order_free():
 def test_run_cell_ok_and_error_rows():
     row = run_cell({"trace": str(SAMPLE), "limit": 20, "method": "h2o:budget=512", "slo": "ttft_ms:p99=2000"})
     assert row["status"] == "ok" and row["error"] is None and row["completed"] == 20
-    assert row["method"] == "h2o:budget=512" and row["method_spec"] == "h2o:budget=512,window=32"
+    assert row["method"] == "h2o:budget=512" and row["method_spec"] == "h2o:budget=512,window=32,impl=lmdeploy"
     assert {"ttft_ms_p50", "ttft_ms_p99", "tpot_ms_p99", "output_throughput", "slo_met", "sim_wall_s"} <= set(row)
     bad = run_cell({"trace": str(SAMPLE), "limit": 5, "model": "llama-3.1-70b"})  # does not fit on one H100
     assert bad["status"] == "error" and "does not fit" in bad["error"] and bad["elapsed_s"] >= 0
@@ -151,7 +151,7 @@ def test_cli_sweep(tmp_path, capsys):
 def test_example_grid_loads():
     g = load_grid(REPO / "examples" / "grid.yaml")
     assert len(g) == len(g.cells()) == 32
-    assert g.axes["method"][2:] == ["h2o:budget=256,window=32", "h2o:budget=1024,window=32"]
+    assert g.axes["method"][2:] == ["h2o:budget=256,window=32,impl=lmdeploy", "h2o:budget=1024,window=32,impl=lmdeploy"]
 
 
 # -- Ray --------------------------------------------------------------------------------------------------------

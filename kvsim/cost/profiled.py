@@ -123,13 +123,18 @@ class ProfiledCost(CostModel):
         self._prefill = t.get(f"attention.prefill.{self.method.prefill_attention}")
         # measured as bf16 KV with FlashAttention, so it stands for the uncompressed cache only
         self._mixed = t.get("attention.mixed.flash") if self.method.name == "none" else None
-        self._decode = t.get(f"attention.decode.{self.method.name}")
+        # a profile's method tables time one implementation of the method (kvprof records which); another
+        # implementation of the same method is costed from the full-cache tables and its own terms
+        timed = (profile.provenance.get("implementations") or {}).get(self.method.name, "?")
+        own = self.method.name == "none" or timed == getattr(self.method, "impl", None)
+        name = self.method.name if own else "-"
+        self._decode = t.get(f"attention.decode.{name}")
         self._decode_scaled = None
         if self._decode is None and self.method.name != "none":
             self._decode_scaled = t.get("attention.decode.none")
             self._roof_none = RooflineCost(fallback.model, fallback.hw, NoCompression(), fallback.tp, fallback.params, fallback.ep)
-        self._extra_decode = t.get(f"extra.decode.{self.method.name}")
-        self._extra_prefill = t.get(f"extra.prefill.{self.method.name}")
+        self._extra_decode = t.get(f"extra.decode.{name}")
+        self._extra_prefill = t.get(f"extra.prefill.{name}")
         # a profile of kernel times only (no step_overhead_s) gets the roofline's a-priori time outside
         # kernels: per step, and per layer (gaps between a layer's kernels in a CUDA-graph replay)
         self.step_overhead_s = (profile.step_overhead_s if "step_overhead_s" in profile.data
@@ -277,6 +282,8 @@ class ProfiledCost(CostModel):
             if e is None:
                 e = roof._t(self.method.prefill_extra_work(m, roof.tp, q, kv, last))
             t += v + e
+        if chunks:
+            t += roof._t(self.method.prefill_call_work(m, roof.tp, chunks))
         return L * t
 
     def step_time_s(self, shape: StepShape) -> float:

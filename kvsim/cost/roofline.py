@@ -122,6 +122,12 @@ class RooflineParams:
     layer_overhead_s: float = 0.0
     #: fixed time per engine step beyond its kernels (input copies, host work not overlapped)
     step_overhead_s: float = 2e-3
+    #: an engine whose host path is slower than the GPU (an eager PyTorch engine launching kernels from
+    #: Python) makes the step's dense part (GEMMs, element-wise kernels, LM head, sampler) take at least
+    #: this long: per step, plus per prompt token the step prefills. The GPU's dense work runs under it;
+    #: attention and a method's own kernels add. 0 for vLLM (CUDA graphs, asynchronous scheduling)
+    host_floor_step_s: float = 0.0
+    host_floor_prefill_token_s: float = 0.0
     #: achieved fraction of the interconnect bandwidth in collectives
     eff_comm: float = 1.0
     #: latency of one collective call
@@ -190,7 +196,7 @@ class RooflineCost(CostModel):
         from kvsim.methods.none import NoCompression
 
         self.model, self.hw = model, hardware
-        self.method = method or NoCompression()
+        self.method = (method or NoCompression()).resolve(hardware)
         self.tp = tensor_parallel_size
         self.ep = expert_parallel_size
         self.params = params or calibrated_params(hardware.name)
@@ -198,6 +204,12 @@ class RooflineCost(CostModel):
         pr = self.params
         self.peak_flops = hardware.fp8_flops if (model.dtype_bytes == 1 and hardware.fp8_flops) else hardware.fp16_flops
         self._flops_rate = self.peak_flops * pr.eff_flops
+        # dequantisation and other element-wise ALU work runs on the CUDA cores; a method's measured
+        # implementation states it in operations per element at this datasheet rate (its efficiency
+        # folded into the count), so no efficiency term here
+        self._alu_rate = hardware.fp32_flops
+        self._floor0 = pr.host_floor_step_s
+        self._floor_tok = pr.host_floor_prefill_token_s
         self._attn_rate = self.peak_flops * pr.eff_attn_flops
         self._bw = hardware.mem_bw_bytes_per_s * pr.eff_mem
         self._attn_bw = hardware.mem_bw_bytes_per_s * (pr.eff_attn_mem if pr.eff_attn_mem is not None else pr.eff_mem)
@@ -225,12 +237,13 @@ class RooflineCost(CostModel):
 
     # -- primitives --------------------------------------------------------------------------
     def _t(self, w: Work, attn: bool = False) -> float:
-        """A generic kernel (a method's own work): max of compute and memory time plus one overhead."""
-        if w.flops == 0.0 and w.bytes == 0.0:
-            return 0.0
+        """A generic kernel (a method's own work): max of tensor, memory and ALU time plus one overhead,
+        plus any host time it waits for."""
+        if w.flops == 0.0 and w.bytes == 0.0 and w.alu_ops == 0.0:
+            return w.host_s
         if attn:
-            return max(w.flops / self._attn_rate, w.bytes / self._attn_bw) + self._ko
-        return max(w.flops / self._flops_rate, w.bytes / self._bw) + self._ko
+            return max(w.flops / self._attn_rate, w.bytes / self._attn_bw, w.alu_ops / self._alu_rate) + self._ko + w.host_s
+        return max(w.flops / self._flops_rate, w.bytes / self._bw, w.alu_ops / self._alu_rate) + self._ko + w.host_s
 
     def gemm_time_s(self, w: Work, tokens: float, kernels: int = 1) -> float:
         if w.flops == 0.0 and w.bytes == 0.0:
@@ -250,13 +263,13 @@ class RooflineCost(CostModel):
         """One attention call over ``num_seqs`` sequences; ``q_tokens``: the prefill chunk, whose FLOPs
         are padded to a whole query tile; ``fixed``: charge the call's two kernels (False when another
         part of the same step's attention call already did)."""
-        if w.flops == 0.0 and w.bytes == 0.0:
-            return 0.0
+        if w.flops == 0.0 and w.bytes == 0.0 and w.alu_ops == 0.0:
+            return w.host_s
         f = w.flops
         if q_tokens and (self._qtile or self._ctas):
             rows = self._heads * max(q_tokens, self._qtile)
             f *= max(rows, self._ctas * self._qtile) / (self._heads * q_tokens)
-        t = max(f / self._attn_rate, w.bytes / self._attn_bw) + num_seqs * self._seq_ko
+        t = max(f / self._attn_rate, w.bytes / self._attn_bw, w.alu_ops / self._alu_rate) + num_seqs * self._seq_ko + w.host_s
         return t + self._attn_ko if fixed else t
 
     def collective_time_s(self, nbytes: float, group: int) -> float:
@@ -369,8 +382,9 @@ class RooflineCost(CostModel):
     def per_layer_overhead_s(self) -> float:
         return self.params.layer_overhead_s
 
-    def dense_time_s(self, T: int, logit_rows: int) -> float:
-        """Everything of a step that depends only on token counts (not on attention)."""
+    def dense_time_s(self, T: int, logit_rows: int, prefill_tokens: int = 0) -> float:
+        """Everything of a step that depends only on token counts (not on attention); at least the
+        engine's host floor (``host_floor_step_s`` + ``host_floor_prefill_token_s`` per prompt token)."""
         # every term depends on T alone or on the rows alone: cached apart (a step's T is at most
         # max_num_batched_tokens), summed in the same order every time
         by_t = self._dense_by_tokens.get(T)
@@ -386,7 +400,12 @@ class RooflineCost(CostModel):
                                                       self.step_op_time_s("sampler", logit_rows))
         layers, embedding, final_norm = by_t
         lm_head, sampler = by_r
-        return layers + lm_head + embedding + final_norm + sampler + self.params.step_overhead_s
+        gpu = layers + lm_head + embedding + final_norm + sampler
+        if self._floor0 or self._floor_tok:
+            floor = self._floor0 + self._floor_tok * prefill_tokens
+            if floor > gpu:
+                gpu = floor
+        return gpu + self.params.step_overhead_s
 
     # -- attention ---------------------------------------------------------------------------------
     def decode_attention_time_s(self, num_seqs: int, kept: int) -> float:
@@ -397,13 +416,15 @@ class RooflineCost(CostModel):
             coef = self._affine[num_seqs] = self._affine_coefficients(num_seqs)
         if coef is False:
             return self._decode_attention_direct(num_seqs, kept)
-        fa0, fa1, ba0, ba1, fe0, fe1, be0, be1 = coef
+        (fa0, fa1, ba0, ba1, aa0, aa1, ha0, ha1), (fe0, fe1, be0, be1, ae0, ae1, he0, he1) = coef
         ko = self._ko
-        t = (max((fa0 + fa1 * kept) / self._attn_rate, (ba0 + ba1 * kept) / self._attn_bw)
-             + self._attn_ko + num_seqs * self._seq_ko)
-        fe, be = fe0 + fe1 * kept, be0 + be1 * kept
-        if fe or be:
-            t += max(fe / self._flops_rate, be / self._bw) + ko
+        t = (max((fa0 + fa1 * kept) / self._attn_rate, (ba0 + ba1 * kept) / self._attn_bw,
+                 (aa0 + aa1 * kept) / self._alu_rate)
+             + ha0 + ha1 * kept + self._attn_ko + num_seqs * self._seq_ko)
+        fe, be, ae = fe0 + fe1 * kept, be0 + be1 * kept, ae0 + ae1 * kept
+        if fe or be or ae:
+            t += max(fe / self._flops_rate, be / self._bw, ae / self._alu_rate) + ko
+        t += he0 + he1 * kept
         return self.model.num_layers * t
 
     def _decode_attention_direct(self, num_seqs: int, kept: int) -> float:
@@ -417,17 +438,19 @@ class RooflineCost(CostModel):
         precomputing the coefficients makes the fast-forward loop cheap. Checked at a third point, and
         a method whose work is not affine is costed by direct calls instead."""
         m, tp, meth = self.model, self.tp, self.method
-        x1 = 1 << 20
-        a0, a1 = meth.decode_attention_work(m, tp, B, 0), meth.decode_attention_work(m, tp, B, x1)
-        e0, e1 = meth.decode_extra_work(m, tp, B, 0), meth.decode_extra_work(m, tp, B, x1)
-        coef = (a0.flops, (a1.flops - a0.flops) / x1, a0.bytes, (a1.bytes - a0.bytes) / x1,
-                e0.flops, (e1.flops - e0.flops) / x1, e0.bytes, (e1.bytes - e0.bytes) / x1)
-        x = 98_765
-        for w, c0, c1 in ((meth.decode_attention_work(m, tp, B, x), 0, 2), (meth.decode_extra_work(m, tp, B, x), 4, 6)):
-            if not (math.isclose(w.flops, coef[c0] + coef[c0 + 1] * x, rel_tol=1e-9, abs_tol=1e-6)
-                    and math.isclose(w.bytes, coef[c1] + coef[c1 + 1] * x, rel_tol=1e-9, abs_tol=1e-6)):
-                return False
-        return coef
+        x1, x = 1 << 20, 98_765
+        out = []
+        for work in (meth.decode_attention_work, meth.decode_extra_work):
+            w0, w1, wx = work(m, tp, B, 0), work(m, tp, B, x1), work(m, tp, B, x)
+            c = []
+            for f in ("flops", "bytes", "alu_ops", "host_s"):
+                v0, v1, vx = getattr(w0, f), getattr(w1, f), getattr(wx, f)
+                slope = (v1 - v0) / x1
+                if not math.isclose(vx, v0 + slope * x, rel_tol=1e-9, abs_tol=1e-12):
+                    return False
+                c += [v0, slope]
+            out.append(tuple(c))
+        return tuple(out)
 
     def mixed_decode_attention_time_s(self, num_seqs: int, kept: int, max_kept: int = 0) -> float:
         """Decode sequences' attention in a step that also prefills. vLLM runs such a step's attention
@@ -448,7 +471,7 @@ class RooflineCost(CostModel):
         if self._qtile or self._ctas:
             rows = self._heads * num_seqs * max(1.0, self._qtile)
             f *= max(rows, self._ctas * self._qtile) / (self._heads * num_seqs)
-        return max(f / self._attn_rate, w.bytes / self._attn_bw)
+        return max(f / self._attn_rate, w.bytes / self._attn_bw, w.alu_ops / self._alu_rate) + w.host_s
 
     def mixed_skew_s(self, num_seqs: int, kept: int, max_kept: int, alpha: float | None = None) -> float:
         """What unequal contexts add to the decode rows of a prefill call: ``alpha`` (default
@@ -471,13 +494,15 @@ class RooflineCost(CostModel):
             t += self.attention_time_s(meth.prefill_attention_work(m, tp, q, kv), 1, q, fixed)
             t += self._t(meth.prefill_extra_work(m, tp, q, kv, last))
             fixed = False
+        if chunks:
+            t += self._t(meth.prefill_call_work(m, tp, chunks))
         return m.num_layers * t
 
     # -- the interface -----------------------------------------------------------------------------
     def step_time_s(self, shape: StepShape) -> float:
         if not shape.prefill_chunks:
             return self.decode_step_time_s(shape.num_decode_seqs, shape.decode_kept_tokens, shape.decode_max_kept)
-        dense = self.dense_time_s(shape.num_tokens, shape.num_logit_tokens)
+        dense = self.dense_time_s(shape.num_tokens, shape.num_logit_tokens, shape.num_tokens - shape.num_decode_seqs)
         return (dense + self.mixed_decode_attention_time_s(shape.num_decode_seqs, shape.decode_kept_tokens,
                                                            shape.decode_max_kept)
                 + self.prefill_attention_time_s(shape.prefill_chunks))
@@ -548,7 +573,9 @@ class RooflineCost(CostModel):
             coef = self._affine[B] = self._affine_coefficients(B)
         if coef is False:
             return False
-        fa0, fa1, ba0, ba1, fe0, fe1, be0, be1 = coef
+        (fa0, fa1, ba0, ba1, aa0, aa1, ha0, ha1), (fe0, fe1, be0, be1, ae0, ae1, he0, he1) = coef
+        if aa0 or aa1 or ha0 or ha1 or ae0 or ae1 or he0 or he1:
+            return False  # ALU-bound or host terms: decode_attention_time_s costs them step by step
         L, ko = self.model.num_layers, self._ko
         extra = None
         if fe0 or fe1 or be0 or be1:

@@ -18,6 +18,7 @@ from typing import ClassVar
 
 from kvsim.cost.work import ZERO, Work
 from kvsim.errors import ConfigError
+from kvsim.methods.impl import Implementation
 from kvsim.specs.model import ModelSpec
 
 
@@ -62,6 +63,31 @@ def length_ratio_from_tail_shares(share_halved: float, share_longer_half: float,
     return LengthRatio(source=source, mean_ratio=math.exp(mu + sigma ** 2 / 2.0), sigma=sigma)
 
 
+# -- measured terms as work (helpers for implementations; kvsim.methods.impl says what the terms are) -----
+
+
+def dequant_alu_work(model: ModelSpec, tp: int, tokens: float, ops_per_elem: float) -> Work:
+    """A dequantising kernel's CUDA-core work over ``tokens`` tokens' K and V (one layer)."""
+    return Work(alu_ops=ops_per_elem * tokens * kv_elems_per_token_layer(model, tp))
+
+
+def score_step_work(terms: dict) -> Work:
+    """A prefill score hook's fixed host time per layer per step (launches, a device-to-host sync)."""
+    return Work(host_s=terms.get("score_host_step_s", 0.0))
+
+
+def score_pass_work(terms: dict, tokens: float) -> Work:
+    """One sequence's score pass over ``tokens`` prompt tokens (one layer): its host time per sequence
+    and the bytes the score kernel moves per token."""
+    return Work(bytes=terms.get("score_bytes_per_token", 0.0) * tokens, host_s=terms.get("score_host_seq_s", 0.0))
+
+
+def block_copy_work(model: ModelSpec, tp: int, tokens: float, bytes_per_token_layer: float | None = None) -> Work:
+    """Copying ``tokens`` kept tokens' K and V into fresh blocks (read + write, one layer)."""
+    b = full_bytes_per_token_layer(model, tp) if bytes_per_token_layer is None else bytes_per_token_layer
+    return Work(bytes=2.0 * tokens * b)
+
+
 # -- shared sizes and constants (helpers for the method files) ------------------------------------------
 
 #: bytes of one attention score, accumulated score or probability (fp32, as every reference keeps them)
@@ -100,12 +126,36 @@ def evicting_kept(prompt_tokens: int, context_tokens: int, limit: int) -> int:
     return min(context_tokens, limit)
 
 
+def block_cut_kept(prompt_tokens: int, context_tokens: int, budget: int, block: int) -> int:
+    """Kept tokens of an engine that cuts the prompt's cache once after prefill to whole blocks of
+    ``block`` tokens (the first blocks and the most recent ones, the last possibly partial) fitting in
+    ``budget``, then appends every generated token (LMDeploy's H2O and StreamingLLM in the seed paper's
+    fork): all of the prompt while it is prefilled, then cut + generated."""
+    if context_tokens < prompt_tokens:
+        return context_tokens
+    if prompt_tokens <= budget:
+        return context_tokens
+    tail = prompt_tokens % block or block
+    cut = (max(1, budget // block) - 1) * block + tail
+    return min(prompt_tokens, cut) + (context_tokens - prompt_tokens)
+
+
+#: LMDeploy's KV block (the seed paper's runs: block size 64), the granularity its cut works at
+LMDEPLOY_BLOCK = 64
+
+
 def compress_once_kept(prompt_tokens: int, context_tokens: int, budget: int) -> int:
     """Kept tokens of a method that compresses the prompt once when prefill ends and then only appends
     (SnapKV, PyramidKV): all of the prompt while it is prefilled, then min(prompt, budget) + generated."""
     if context_tokens < prompt_tokens:
         return context_tokens
     return min(prompt_tokens, budget) + (context_tokens - prompt_tokens)
+
+
+#: the implementation of methods that have only one: the engine's own kernels for the plain cache
+BASELINE = Implementation(
+    "baseline", engine="the engine's own attention kernels on the plain cache", basis="first principles",
+    source="FLOPs and bytes of each kernel through the roofline, or a measured kernel profile")
 
 
 @dataclass(frozen=True)
@@ -122,10 +172,33 @@ class Method:
     prefill_attention: ClassVar[str] = "flash"
     #: blocks of a shared prompt prefix can be reused by another request
     shares_prefix: ClassVar[bool] = True
+    #: whose kernels the costs describe, by ``impl`` knob value (the first one is the default); a method
+    #: without an ``impl`` knob has the one implementation ``BASELINE`` (module ``kvsim.methods.impl``)
+    IMPLEMENTATIONS: ClassVar[dict[str, Implementation]] = {}
 
     # -- knobs ------------------------------------------------------------------------------
     def validate(self) -> None:
         """Raise ConfigError naming the knob and value when the knobs make no sense."""
+
+    def implementation(self) -> Implementation:
+        """The implementation whose costs this instance uses (its ``impl`` knob)."""
+        impl = getattr(self, "impl", None)
+        if impl is None:
+            return BASELINE
+        return self.IMPLEMENTATIONS[impl]
+
+    def terms(self) -> dict[str, float]:
+        """The implementation's measured (or borrowed) cost terms."""
+        return self.implementation().terms()
+
+    def resolve(self, hardware) -> "Method":
+        """This method as it runs on ``hardware`` (an implementation that depends on the GPU, such as
+        fp8 with or without fp8 tensor cores, picks its concrete variant here); the cost model calls it
+        once. Default: unchanged."""
+        return self
+
+    def _require_impl(self) -> None:
+        self._require_choice("impl", tuple(self.IMPLEMENTATIONS))
 
     @classmethod
     def knobs(cls) -> dict[str, object]:
@@ -135,6 +208,12 @@ class Method:
     def spec_string(self) -> str:
         """The canonical ``name:knob=value,...`` form (all knobs, in declaration order)."""
         kv = ",".join(f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self))
+        return f"{self.name}:{kv}" if kv else self.name
+
+    def algorithm_spec(self) -> str:
+        """``spec_string()`` without the ``impl`` knob: the algorithm's setting, which is what decides
+        the tokens kept and so the answers (measured output lengths are keyed by it)."""
+        kv = ",".join(f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self) if f.name != "impl")
         return f"{self.name}:{kv}" if kv else self.name
 
     def _fail(self, knob: str, value, why: str):
@@ -229,6 +308,12 @@ class Method:
 
     def prefill_extra_work(self, model: ModelSpec, tp: int, q_tokens: int, kv_tokens: int, last_chunk: bool) -> Work:
         """Method's own work for a prefill chunk (quantizing new tokens; compression after the last chunk)."""
+        return ZERO
+
+    def prefill_call_work(self, model: ModelSpec, tp: int, chunks) -> Work:
+        """Method's own work once per layer in a step that prefills ``chunks`` ((new tokens, KV tokens,
+        completes the prompt) each), beyond the per-chunk work: a hook's fixed host time (launching its
+        kernels, a device-to-host sync)."""
         return ZERO
 
     # -- output length --------------------------------------------------------------------------

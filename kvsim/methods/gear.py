@@ -6,15 +6,17 @@ from dataclasses import dataclass
 
 from kvsim.cost.work import Work
 from kvsim.methods.base import (
-    DEQUANT_FLOPS_PER_ELEM,
     QUANT_FLOPS_PER_ELEM,
     Method,
+    dequant_alu_work,
     full_bytes_per_token_layer,
     kv_elems_per_token_layer,
     kv_heads_per_gpu,
     length_ratio_from_tail_shares,
     q_heads_per_gpu,
 )
+from kvsim.methods.impl import Implementation
+from kvsim.methods.kivi import int4_token_bytes_per_layer, lmdeploy_int_decode_work, lmdeploy_quantize_work
 
 #: bytes of one outlier's position (int32 index, as the paper's CSR/COO storage)
 _INDEX_BYTES = 4
@@ -24,9 +26,32 @@ _OUTLIER_SELECT_FLOPS = 2.0
 _ERROR_FLOPS = 2.0
 
 
+GEAR_IMPLEMENTATIONS = {
+    "lmdeploy": Implementation(
+        "lmdeploy", basis="measured", terms_key="gear/lmdeploy",
+        engine=("LMDeploy 0.6's built-in int4 KV cache (quant_policy=4), which the seed paper runs as 'GEAR-4': "
+                "per-token, per-head scale and zero point, paged, fused dequantising Triton attention; no low-rank "
+                "or sparse correction exists in that engine"),
+        source=("dequant_ops_per_elem fitted on the seed paper's GEAR-4 decode throughput, Llama-2-7B and 13B "
+                "(../shared/reference/seed-lmdeploy; kvsim fit-methods, leave-one-model-out checked)")),
+    "reference": Implementation(
+        "reference", basis="composed", borrows=("gear/lmdeploy",),
+        engine="GEAR as its paper describes it (arXiv:2403.05527): KIVI-style backbone, low-rank error, outliers",
+        source=("low-rank and outlier work from first principles; the backbone's dequantisation from the measured "
+                "int4 term of LMDeploy's kernel (gear/lmdeploy dequant_ops_per_elem), the nearest measured kernel")),
+}
+
+
 @dataclass(frozen=True)
 class GEAR(Method):
     """GEAR (Kang et al., 2024): X ~ dequant(Q_bits(X - S)) + A B^T + S, per layer, for K and for V.
+
+    ``impl=lmdeploy`` (default; measured): what the seed paper measured as "GEAR-4", LMDeploy's built-in
+    int4 KV cache: per-token, per-head scale and zero point (fp16), paged, a fused dequantising Triton
+    kernel whose CUDA-core cost per element is fitted (``dequant_ops_per_elem``); no low-rank or outlier
+    part, so ``rank_ratio`` and ``outlier_ratio`` do not apply and bytes per token are
+    L x 2 Hkv (d / 2 + 4). ``impl=reference`` (composed): the paper's GEAR as below, its backbone
+    dequantised at the measured int4 kernel's cost per element.
 
     Q: group-wise asymmetric quantization (keys per channel, values per token, KIVI-style, groups of
     ``GROUP_SIZE`` = 64 as the reference scripts' ``--group_size 64``); S: the ``outlier_ratio`` largest
@@ -53,6 +78,7 @@ class GEAR(Method):
     bits: int = 4
     rank_ratio: float = 0.02
     outlier_ratio: float = 0.02
+    impl: str = "lmdeploy"
 
     GROUP_SIZE = 64
     BUFFER = 64
@@ -64,10 +90,18 @@ class GEAR(Method):
              "Inference of LLM', arXiv:2403.05527, 2024")
     runtime_needs = ("quantize/pack and fused dequant kernels (KIVI's), power-iteration low-rank solver, "
                      "top-k outlier extraction; per-request contiguous tensors with a 64-token full-precision buffer")
-    paged = False
     shares_prefix = False
+    IMPLEMENTATIONS = GEAR_IMPLEMENTATIONS
+
+    @property
+    def paged(self) -> bool:
+        return self.impl == "lmdeploy"
 
     def validate(self):
+        self._require_impl()
+        if self.impl == "lmdeploy" and self.bits != 4:
+            self._fail("bits", self.bits, "impl=lmdeploy is LMDeploy's int4 cache (quant_policy=4), measured at 4 bits "
+                                          "only; use impl=reference for GEAR at other widths")
         self._require_choice("bits", self.BITS)
         self._require_ratio("rank_ratio")
         self._require_ratio("outlier_ratio")
@@ -83,9 +117,13 @@ class GEAR(Method):
         return dense + low_rank
 
     def bytes_per_token(self, model, tp=1):
+        if self.impl == "lmdeploy":
+            return model.num_layers * int4_token_bytes_per_layer(model, tp, self.bits)
         return model.num_layers * self._layer_bytes(model, tp)
 
     def extra_bytes_per_seq(self, model, tp=1):
+        if self.impl == "lmdeploy":
+            return 0.0
         return self.BUFFER * (model.kv_bytes_per_token(tensor_parallel_size=tp) - self.bytes_per_token(model, tp))
 
     def _compress(self, model, tp, tokens: int) -> Work:
@@ -97,15 +135,25 @@ class GEAR(Method):
         return Work(flops, bytes_)
 
     def decode_attention_work(self, model, tp, num_seqs, kept_tokens_sum):
+        ops = self.terms()["dequant_ops_per_elem"]
+        if self.impl == "lmdeploy":
+            return lmdeploy_int_decode_work(model, tp, num_seqs, kept_tokens_sum, self.bits, 0, ops)
         e, r, d = kv_elems_per_token_layer(model, tp), self.rank(model), model.head_dim
-        per_token = (e * (DEQUANT_FLOPS_PER_ELEM + self.outlier_ratio)
+        # the outliers and the low-rank correction on the tensor path; the backbone's dequantisation on
+        # the CUDA cores at the measured int4 kernel's cost per element
+        per_token = (e * self.outlier_ratio
                      + 2.0 * q_heads_per_gpu(model, tp) * (2.0 * r + 2.0 * d * r / self.BUFFER))
-        return super().decode_attention_work(model, tp, num_seqs, kept_tokens_sum) + Work(kept_tokens_sum * per_token, 0.0)
+        return (super().decode_attention_work(model, tp, num_seqs, kept_tokens_sum)
+                + Work(kept_tokens_sum * per_token, 0.0) + dequant_alu_work(model, tp, kept_tokens_sum, ops))
 
     def decode_extra_work(self, model, tp, num_seqs, kept_tokens_sum):
+        if self.impl == "lmdeploy":
+            return lmdeploy_quantize_work(model, tp, num_seqs, self.bits)
         return self._compress(model, tp, num_seqs)
 
     def prefill_extra_work(self, model, tp, q_tokens, kv_tokens, last_chunk):
+        if self.impl == "lmdeploy":
+            return lmdeploy_quantize_work(model, tp, q_tokens, self.bits)
         return self._compress(model, tp, q_tokens)
 
     def default_length_ratio(self):

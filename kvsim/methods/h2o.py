@@ -5,16 +5,21 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from kvsim.cost.work import Work
+from kvsim.cost.work import ZERO, Work
 from kvsim.methods.base import (
+    LMDEPLOY_BLOCK,
     SCORE_BYTES,
     Method,
+    block_cut_kept,
     evicting_kept,
     full_bytes_per_token_layer,
     kv_heads_per_gpu,
     length_ratio_from_tail_shares,
     q_heads_per_gpu,
+    score_pass_work,
+    score_step_work,
 )
+from kvsim.methods.impl import Implementation
 
 
 def h2o_decode_extra_work(model, tp: int, kept_tokens_sum: int) -> Work:
@@ -48,10 +53,38 @@ def h2o_prefill_extra_work(model, tp: int, q_tokens: int, kv_tokens: int, last_c
     return Work(flops, bytes_)
 
 
+H2O_IMPLEMENTATIONS = {
+    "lmdeploy": Implementation(
+        "lmdeploy", basis="measured", terms_key="h2o/lmdeploy",
+        engine=("LMDeploy 0.6 PyTorch engine as forked by Gao et al. (MLSys 2025): the normal Triton prefill "
+                "attention plus an extra Triton kernel that computes attention scores; after prefill the cache is "
+                "cut once to the budget at 64-token block granularity (first and recent blocks), then grows again "
+                "during decoding; paged; no work in decode"),
+        source=("score_host_step_s and score_bytes_per_token fitted on the seed paper's H2O prefill "
+                "throughput, Llama-2-7B and 13B (../shared/reference/seed-lmdeploy; kvsim fit-methods, "
+                "leave-one-model-out checked); the decode side follows from the kept tokens alone")),
+    "reference": Implementation(
+        "reference", basis="first principles",
+        engine="H2O's reference code (HF eager attention, per-step eviction on contiguous per-request tensors)",
+        source="FLOPs and bytes of the paper's algorithm (arXiv:2306.14048) through the roofline"),
+}
+
+
 @dataclass(frozen=True)
 class H2O(Method):
     """H2O (Zhang et al., NeurIPS 2023): a fixed budget of ``budget`` tokens per sequence = the ``window``
     most recent tokens plus the ``budget - window`` heavy hitters with the largest accumulated attention.
+
+    ``impl=lmdeploy`` (default; measured): what the seed paper's LMDeploy fork runs. Prefill is the
+    engine's normal attention plus a score kernel whose cost was fitted as two terms per layer: host
+    time per step (``score_host_step_s``) and bytes per prompt token (``score_bytes_per_token``, at the
+    GPU's attention bandwidth): a fixed cost and a cheap linear pass, not a quadratic score matrix, so
+    H2O loses most at short prompts and small batches. When prefill ends the prompt's cache
+    is cut once to ``budget`` at 64-token block granularity (first and recent blocks, the last one
+    partial); decoding then appends every token (``kept_limit`` None) with no extra work. Paged; prefix
+    blocks not shared. ``window`` does not apply (which blocks survive does not change the cost).
+
+    ``impl=reference`` (first principles): the paper's algorithm as its reference code runs it, below.
 
     Kept: the whole prompt while it is prefilled (scores need it), evicted to min(prompt, budget) when
     prefill ends, then min(context, budget): one token evicted per step once full. ``kept_limit`` =
@@ -69,30 +102,48 @@ class H2O(Method):
 
     budget: int = 256
     window: int = 32
+    impl: str = "lmdeploy"
 
     name = "h2o"
     paper = ("Zhang et al., 'H2O: Heavy-Hitter Oracle for Efficient Generative Inference of Large Language "
              "Models', NeurIPS 2023, arXiv:2306.14048")
     runtime_needs = ("attention probabilities at every step (eager attention, no FlashAttention), an fp32 score "
                      "accumulator per KV head and token, per-request contiguous cache of budget tokens")
-    paged = False
-    prefill_attention = "eager"
     shares_prefix = False
+    IMPLEMENTATIONS = H2O_IMPLEMENTATIONS
+
+    @property
+    def paged(self) -> bool:
+        return self.impl == "lmdeploy"
+
+    @property
+    def prefill_attention(self) -> str:
+        return "flash" if self.impl == "lmdeploy" else "eager"
 
     def validate(self):
+        self._require_impl()
         self._require_budget_above_window()
 
     def kept_tokens(self, prompt_tokens, context_tokens):
+        if self.impl == "lmdeploy":
+            return block_cut_kept(prompt_tokens, context_tokens, self.budget, LMDEPLOY_BLOCK)
         return evicting_kept(prompt_tokens, context_tokens, self.budget)
 
     def kept_limit(self, prompt_tokens):
-        return self.budget
+        return None if self.impl == "lmdeploy" else self.budget
 
     def decode_extra_work(self, model, tp, num_seqs, kept_tokens_sum):
+        if self.impl == "lmdeploy":
+            return ZERO
         return h2o_decode_extra_work(model, tp, kept_tokens_sum)
 
     def prefill_extra_work(self, model, tp, q_tokens, kv_tokens, last_chunk):
+        if self.impl == "lmdeploy":
+            return score_pass_work(self.terms(), q_tokens)
         return h2o_prefill_extra_work(model, tp, q_tokens, kv_tokens, last_chunk, self.budget, self.window)
+
+    def prefill_call_work(self, model, tp, chunks):
+        return score_step_work(self.terms()) if self.impl == "lmdeploy" else ZERO
 
     def default_length_ratio(self):
         return length_ratio_from_tail_shares(

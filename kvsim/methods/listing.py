@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import inspect
+from dataclasses import replace
 
+from kvsim.errors import KvsimError
 from kvsim.methods import all_methods
 from kvsim.methods.base import Method
 
@@ -32,14 +34,43 @@ def format_methods() -> str:
             f"  knobs:          {_knobs(cls)}",
             f"  default spec:   {default.spec_string()}",
             f"  runtime needs:  {cls.runtime_needs}",
-            f"  memory:         {'paged (vLLM blocks)' if cls.paged else 'contiguous per request (reserved at admission)'}",
-            f"  prefill:        {'FlashAttention (no score matrix)' if cls.prefill_attention == 'flash' else 'eager (materialised scores)'}",
-            f"  prefix sharing: {'yes' if cls.shares_prefix else 'no'}",
+            f"  memory:         {_memory(default)}",
+            f"  prefill:        {'FlashAttention (no score matrix)' if default.prefill_attention == 'flash' else 'eager (materialised scores)'}",
+            f"  prefix sharing: {'yes' if default.shares_prefix else 'no'}",
             f"  output length:  {_length(default)}",
             f"  paper:          {cls.paper}",
-            "",
         ]
+        lines += _implementations(cls, default)
+        lines.append("")
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _memory(m: Method) -> str:
+    return "paged (vLLM blocks)" if m.paged else "contiguous per request (reserved at admission)"
+
+
+def _implementations(cls: type[Method], default: Method) -> list[str]:
+    """One line per implementation: basis, engine, where its terms come from, and the fitted values."""
+    if not cls.IMPLEMENTATIONS:
+        return [f"  costs:          {default.implementation().basis}: {default.implementation().source}"]
+    out = ["  implementations (impl=..., the first is the default):"]
+    for impl in cls.IMPLEMENTATIONS.values():
+        m = replace(default, impl=impl.name)
+        layout = (f"{'paged' if m.paged else 'contiguous per request'}, "
+                  f"{'FlashAttention' if m.prefill_attention == 'flash' else 'eager'} prefill")
+        out.append(f"    impl={impl.name} [{impl.basis}] ({layout}) {impl.engine}")
+        out.append(f"      source: {impl.source}")
+        if impl.terms_key or impl.borrows:
+            try:
+                terms = impl.terms()
+            except KvsimError as e:
+                terms = {"unavailable": str(e)}
+            out.append("      terms:  " + ", ".join(f"{k}={_num(v)}" for k, v in terms.items()))
+    return out
+
+
+def _num(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 def _length(m: Method) -> str:

@@ -4,7 +4,32 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvsim.methods.base import Method, evicting_kept, length_ratio_from_tail_shares
+from kvsim.cost.work import ZERO, Work
+from kvsim.methods.base import (
+    LMDEPLOY_BLOCK,
+    Method,
+    block_copy_work,
+    block_cut_kept,
+    evicting_kept,
+    length_ratio_from_tail_shares,
+)
+from kvsim.methods.impl import Implementation
+
+STREAMING_IMPLEMENTATIONS = {
+    "lmdeploy": Implementation(
+        "lmdeploy", basis="measured", terms_key="streamingllm/lmdeploy",
+        engine=("LMDeploy 0.6 PyTorch engine as forked by Gao et al. (MLSys 2025): no score kernel; after prefill "
+                "the cache is cut once to sink + window tokens (sink blocks plus recent blocks, 64-token granularity) "
+                "with a block copy, then grows again during decoding; paged"),
+        source=("cut_host_seq_s fitted on the seed paper's StreamingLLM prefill throughput, Llama-2-7B and 13B "
+                "(../shared/reference/seed-lmdeploy; kvsim fit-methods, leave-one-model-out checked); the block "
+                "copy's bytes and the decode side follow from the kept tokens")),
+    "sliding": Implementation(
+        "sliding", basis="first principles",
+        engine=("attention sinks plus a ring buffer over the window in a paged engine (vLLM-style sliding-window "
+                "block recycling): the cache never exceeds sink + window"),
+        source="the paper's algorithm (arXiv:2309.17453); eviction is index arithmetic, counted as no work"),
+}
 
 
 @dataclass(frozen=True)
@@ -21,10 +46,18 @@ class StreamingLLM(Method):
     recycling), so memory follows the kept count to within one block. No prefix sharing: only the sinks
     would be common to two requests; the window moves with each request's own context.
     ``sink`` = 0 is plain window attention (the paper's failing baseline).
+
+    ``impl=lmdeploy`` (default; measured) is what the seed paper's LMDeploy fork runs: the prompt's
+    cache is cut once, when prefill ends, to sink + window tokens at 64-token block granularity (sink
+    blocks and recent blocks, copied into place), and decoding appends every token without further
+    eviction (``kept_limit`` None); the copy's bytes plus a fitted host time per sequence
+    (``cut_host_seq_s``) are its prefill cost. ``impl=sliding`` (first principles) is the ring buffer
+    described above.
     """
 
     sink: int = 4
     window: int = 252
+    impl: str = "lmdeploy"
 
     name = "streamingllm"
     paper = ("Xiao et al., 'Efficient Streaming Language Models with Attention Sinks', ICLR 2024, "
@@ -32,15 +65,26 @@ class StreamingLLM(Method):
     runtime_needs = "sliding-window KV eviction with pinned sink blocks (block recycling); no attention scores"
     shares_prefix = False
 
+    IMPLEMENTATIONS = STREAMING_IMPLEMENTATIONS
+
     def validate(self):
+        self._require_impl()
         self._require_int("sink", minimum=0)
         self._require_int("window")
 
     def kept_tokens(self, prompt_tokens, context_tokens):
+        if self.impl == "lmdeploy":
+            return block_cut_kept(prompt_tokens, context_tokens, self.sink + self.window, LMDEPLOY_BLOCK)
         return evicting_kept(prompt_tokens, context_tokens, self.sink + self.window)
 
     def kept_limit(self, prompt_tokens):
-        return self.sink + self.window
+        return None if self.impl == "lmdeploy" else self.sink + self.window
+
+    def prefill_extra_work(self, model, tp, q_tokens, kv_tokens, last_chunk):
+        if self.impl != "lmdeploy" or not last_chunk or kv_tokens <= self.sink + self.window:
+            return ZERO
+        kept = block_cut_kept(kv_tokens, kv_tokens, self.sink + self.window, LMDEPLOY_BLOCK)
+        return block_copy_work(model, tp, kept) + Work(host_s=self.terms()["cut_host_seq_s"])
 
     def default_length_ratio(self):
         return length_ratio_from_tail_shares(

@@ -8,6 +8,7 @@ YAML layout (one mapping per GPU, plus an optional top-level ``aliases`` mapping
       mem_bw_gb_s: 3350        # peak DRAM bandwidth, 1e9 B/s
       fp16_tflops: 989.4       # dense fp16/bf16 tensor peak, FP32 accumulate
       fp8_tflops: 1978.9       # dense fp8 tensor peak; 0 = no fp8 tensor cores
+      fp32_tflops: 67          # CUDA-core (non-tensor) FP32 peak: bounds dequantisation ALU work
       interconnect_gb_s: 450   # GPU-to-GPU, one direction, per GPU
       collective_gb_s: 17.18   # optional, with collective_latency_us: one ring step of a collective
       collective_latency_us: 20  #   between two GPUs of the machine, as measured or modelled there
@@ -36,7 +37,7 @@ from kvsim.errors import ConfigError, UnknownNameError
 GIB = 1024**3
 
 #: the figures every entry must carry, each with a source
-FIGURE_KEYS = ("memory_gb", "mem_bw_gb_s", "fp16_tflops", "fp8_tflops", "interconnect_gb_s")
+FIGURE_KEYS = ("memory_gb", "mem_bw_gb_s", "fp16_tflops", "fp8_tflops", "fp32_tflops", "interconnect_gb_s")
 #: figures an entry may carry, each then with a source
 OPTIONAL_FIGURE_KEYS = ("memory_bytes", "collective_gb_s", "collective_latency_us")
 _RESERVED = ("aliases",)
@@ -51,6 +52,8 @@ class HardwareSpec:
     #: dense (no sparsity) tensor-core peaks
     fp16_flops: float
     fp8_flops: float
+    #: peak FP32 rate of the CUDA cores (non-tensor): bounds dequantisation and other element-wise ALU work
+    fp32_flops: float
     #: per-GPU bandwidth between GPUs of one node (NVLink, or PCIe where there is none), one direction
     interconnect_bw_bytes_per_s: float
     sources: dict = field(default_factory=dict, compare=False)
@@ -135,6 +138,7 @@ def load_hardware(name: str) -> HardwareSpec:
         mem_bw_bytes_per_s=num("mem_bw_gb_s") * 1e9,
         fp16_flops=num("fp16_tflops") * 1e12,
         fp8_flops=num("fp8_tflops") * 1e12,
+        fp32_flops=num("fp32_tflops") * 1e12,
         interconnect_bw_bytes_per_s=num("interconnect_gb_s") * 1e9,
         sources=dict(e.get("sources") or {}),
         collective_bw_bytes_per_s=coll_bw,

@@ -43,6 +43,12 @@ METHOD_KNOBS: dict[str, dict[str, int]] = {
     "snapkv": {"budget": 256, "window": 32, "kernel_size": 7},
 }
 ALL_METHODS = ",".join(METHOD_KNOBS)
+#: the kvsim implementation (``impl`` knob) whose algorithm these torch kernels compute: kvsim uses a
+#: profile's method tables only for a method spec with the same implementation (kvsim.cost.profiled)
+KERNEL_IMPLEMENTATIONS: dict[str, str | None] = {
+    "none": None, "fp8": "native", "kivi": "reference", "h2o": "reference", "streamingllm": "sliding",
+    "snapkv": "reference",
+}
 #: the methods whose prefill needs the score matrix (kvsim's Method.prefill_attention == "eager")
 EAGER_PREFILL = ("h2o", "snapkv")
 
@@ -652,7 +658,8 @@ def make_header(ctx: Ctx, command: str) -> dict:
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "command": command,
         "model": ctx.model.name, "model_spec": dataclasses.asdict(ctx.model),
-        "tensor_parallel_size": ctx.tp, "methods": ctx.methods, "grid": ctx.grid.name,
+        "tensor_parallel_size": ctx.tp, "methods": ctx.methods,
+        "implementations": {m: KERNEL_IMPLEMENTATIONS[m] for m in ctx.methods}, "grid": ctx.grid.name,
         "block_size": ctx.grid.block_size, "decode_kv": "contiguous" if ctx.contiguous_decode else "paged",
         "timing": {"warmup": ctx.grid.warmup, "min_reps": ctx.grid.min_reps, "max_reps": ctx.grid.max_reps,
                    "target_s": ctx.grid.target_s, "max_rotation": ctx.grid.max_rotation, "clock": "cuda events" if cuda else "perf_counter_ns",

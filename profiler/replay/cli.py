@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     from kvsim.api import resolve_method
     from kvsim.errors import KvsimError
     from profiler.replay.engine import ReplayEngine
-    from profiler.replay.kvstore import DEFAULT_MAX_ATTN_TOKENS, store_class
+    from profiler.replay.kvstore import DEFAULT_MAX_ATTN_TOKENS, store_class, store_method
     from profiler.replay.model import Llama, load_config
 
     try:
@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         spec = dataclasses.replace(spec, dtype=dname)
         dev_mem = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else 0
         cfg = _engine_config(args, spec, dev_mem)
-        method = resolve_method(args.method, cfg)
+        method = store_method(resolve_method(args.method, cfg), args.method)
         store_cls = store_class(method)
         reqs = load_requests(args.trace, args.fmt, args.rate_scale, args.limit)
         if not reqs:

@@ -770,6 +770,26 @@ STORES = {"none": PagedStore, "fp8": PagedStore, "streamingllm": PagedStore, "sn
           "h2o": H2OStore, "kivi": KIVIStore}
 
 
+#: the kvsim implementation (``impl`` knob) each store runs: the papers' algorithms, as kvprof kernels do
+STORE_IMPLEMENTATIONS = {"fp8": "native", "streamingllm": "sliding", "snapkv": "reference", "h2o": "reference",
+                         "kivi": "reference"}
+
+
+def store_method(method, spec_text: str):
+    """The method as this engine runs it: a spec that names no ``impl`` gets the store's; one that
+    names another is refused (the store would not run what kvsim is asked to cost)."""
+    import dataclasses
+
+    want = STORE_IMPLEMENTATIONS.get(method.name)
+    have = getattr(method, "impl", None)
+    if want is None or have == want:
+        return method
+    if "impl=" in spec_text:
+        raise ValueError(f"kvprof replay runs {method.name} as impl={want} (the paper's algorithm in torch); "
+                         f"--method asks for impl={have}")
+    return dataclasses.replace(method, impl=want)
+
+
 def store_class(method):
     try:
         return STORES[method.name]
