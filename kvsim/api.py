@@ -49,6 +49,8 @@ class RunSpec:
     profile: object | None = None  # kvsim.cost.profile.Profile
     slo: SLO = field(default_factory=SLO)
     roofline_params: RooflineParams | None = None
+    #: the serving engine whose step model ``roofline_params`` is (None: vLLM, kvsim's calibration)
+    engine: str | None = None
 
 
 def resolve_method(method, config: EngineConfig) -> Method:
@@ -82,7 +84,7 @@ def make_spec(model="llama-3.1-8b", hardware="h100", method=None, config: Engine
     params = engine_params(engine)
     if params is not None and prof is not None and profile is None:
         prof = None  # a committed kernel profile is vLLM's kernels; another engine's fitted step model wins
-    return RunSpec(mspec, hw, meth, cfg, prof, slo or SLO(), params)
+    return RunSpec(mspec, hw, meth, cfg, prof, slo or SLO(), params, engine if params is not None else None)
 
 
 def make_cost(spec: RunSpec) -> CostModel:

@@ -167,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 #: modules that add their own subcommands with ``register(subparsers)``, imported only when the CLI starts
-_EXTRA_MODULES = ["kvsim.compare", "kvsim.validate", "kvsim.cost.calibrate", "kvsim.cost.method_fit", "kvsim.plan"]
+_EXTRA_MODULES = ["kvsim.compare", "kvsim.bench", "kvsim.validate", "kvsim.cost.calibrate", "kvsim.cost.method_fit", "kvsim.plan"]
 
 
 def _register_module(name: str):

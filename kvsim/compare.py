@@ -1,5 +1,5 @@
-"""``kvsim compare`` (every method on the same trace and seed, one table) and ``kvsim bench`` (a fixed
-batch, the way kernel papers report prefill and decode throughput)."""
+"""``kvsim compare``: every method on the same trace and seed, one table (``kvsim bench``, the fixed-batch
+figures, is :mod:`kvsim.bench`)."""
 
 from __future__ import annotations
 
@@ -92,46 +92,6 @@ def plot_compare(rows: list[dict], png: Path) -> None:
     plt.close(fig)
 
 
-def bench(model="llama-3.1-8b", hardware="h100", method="none", batch_size=8, prompt_len=1024, output_len=128,
-          config=None, profile=None, auto_profile=True) -> dict:
-    """Fixed batch: B identical requests, the whole prompt in one prefill step, then N-1 decode steps
-    (the prefill step samples the first token). Throughputs as kernel papers define them."""
-    from kvsim import api
-    from kvsim.engine.memory import num_kv_blocks
-
-    for name, v in (("batch_size", batch_size), ("prompt_len", prompt_len), ("output_len", output_len)):
-        if not isinstance(v, int) or v < 1:
-            raise ConfigError(f"bench: {name}={v!r} must be a positive integer")
-    spec = api.make_spec(model, hardware, method, config, profile, auto_profile=auto_profile)
-    cost = api.make_cost(spec)
-    meth = spec.method
-    blocks = num_kv_blocks(spec.model, spec.hardware, spec.config, meth)
-    bs = spec.config.block_size
-    from kvsim.engine.block_manager import BlockManager
-    from kvsim.engine.kv_cache_manager import KVCacheManager
-
-    kv = KVCacheManager(BlockManager(max(1, blocks), bs), meth, spec.model, spec.config.tensor_parallel_size)
-    need = batch_size * kv.lifetime_blocks(prompt_len, prompt_len + output_len - 1)
-    result = {"model": spec.model.name, "hardware": spec.hardware.name, "method": meth.spec_string(),
-              "cost_model": cost.name, "batch_size": batch_size, "prompt_len": prompt_len, "output_len": output_len,
-              "kv_blocks_needed": need, "kv_blocks_available": blocks, "oom": need > blocks}
-    prefill_s = cost.step_time_s(StepShape(0, 0, [(prompt_len, prompt_len, True)] * batch_size))
-    decode_times = []
-    for i in range(1, output_len):
-        ctx = prompt_len + i  # tokens computed after this step: prompt + i generated
-        kept = meth.kept_tokens(prompt_len, ctx)
-        decode_times.append(cost.decode_step_time_s(batch_size, batch_size * kept))
-    mean_decode = sum(decode_times) / len(decode_times) if decode_times else 0.0
-    result.update({
-        "prefill_time_s": prefill_s,
-        "mean_decode_step_s": mean_decode,
-        "prefill_throughput": batch_size * prompt_len / prefill_s,
-        "decode_throughput": batch_size / mean_decode if mean_decode else None,
-        "total_time_s": prefill_s + sum(decode_times),
-    })
-    return result
-
-
 def register(sub) -> None:
     from kvsim import cli
 
@@ -142,19 +102,6 @@ def register(sub) -> None:
     c.add_argument("--quiet", action="store_true")
     cli.add_run_args(c)
     c.set_defaults(func=_cmd_compare)
-
-    b = sub.add_parser("bench", help="fixed-batch prefill and decode throughput (kernel-paper style)")
-    b.add_argument("--model", default="llama-3.1-8b")
-    b.add_argument("--hardware", default="h100")
-    b.add_argument("--method", default="none")
-    b.add_argument("--batch-size", type=int, default=8)
-    b.add_argument("--prompt-len", type=int, default=1024)
-    b.add_argument("--output-len", type=int, default=128)
-    b.add_argument("--profile", default=None)
-    b.add_argument("--no-profile", action="store_true")
-    b.add_argument("--json", action="store_true", help="print one JSON object")
-    cli.add_engine_args(b)
-    b.set_defaults(func=_cmd_bench)
 
 
 def _cmd_compare(args) -> int:
@@ -168,20 +115,4 @@ def _cmd_compare(args) -> int:
                    rate_scale=args.rate_scale, limit=args.limit)
     print(Path(args.out, "compare.md").read_text())
     print(f"wrote {args.out}/compare.csv, compare.md, compare.png and one replay folder per method ({len(rows)})")
-    return 0
-
-
-def _cmd_bench(args) -> int:
-    from kvsim import cli
-
-    r = bench(args.model, args.hardware, args.method, args.batch_size, args.prompt_len, args.output_len,
-              cli.engine_config(args), args.profile, auto_profile=not args.no_profile)
-    if args.json:
-        print(json.dumps(r))
-    else:
-        print(f"{r['model']} / {r['hardware']} / {r['method']}  ({r['cost_model']})  B={r['batch_size']} L={r['prompt_len']} N={r['output_len']}"
-              + ("  [OOM: KV does not fit]" if r["oom"] else ""))
-        print(f"  prefill_throughput {r['prefill_throughput']:.1f} tok/s  (prefill step {1e3 * r['prefill_time_s']:.2f} ms)")
-        if r["decode_throughput"]:
-            print(f"  decode_throughput  {r['decode_throughput']:.1f} tok/s  (mean decode step {1e3 * r['mean_decode_step_s']:.3f} ms)")
     return 0

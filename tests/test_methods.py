@@ -348,7 +348,7 @@ BAD = [
     ("gear:bits=5,impl=reference", "bits", "5", "supported"),
     ("gear:bits=2", "bits", "2", "impl=lmdeploy is LMDeploy's int4 cache"),
     ("kivi:impl=hf", "impl", "'hf'", "supported: lmdeploy, reference"),
-    ("fp8:impl=fast", "impl", "'fast'", "supported: auto, native, software"),
+    ("fp8:impl=fast", "impl", "'fast'", "supported: auto, native, software, triton"),
     ("gear:rank_ratio=1.0", "rank_ratio", "1.0", "[0, 1)"),
     ("gear:outlier_ratio=-0.1", "outlier_ratio", "-0.1", "[0, 1)"),
     ("h2o:budget=32", "budget", "32", "budget below the window"),

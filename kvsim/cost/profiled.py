@@ -15,13 +15,15 @@ PROFILES_ROOT = Path(__file__).resolve().parents[2] / "profiles"
 
 
 def profile_candidates(model: str, hardware: str, tp: int, root: Path | None = None) -> list[Path]:
-    """Committed kernel profiles are named ``<hardware>__<model>__tp<N>.json``; a kvprof GPU run
-    (anywhere but ``imported/``) ranks before an imported one."""
+    """Committed kernel profiles named ``<hardware>__<model>__tp<N>.json`` that kvsim uses without being
+    asked: those imported from real serving-engine timings (``imported/``). A kvprof kernel grid
+    (``kvprof/``) times eager torch kernels one at a time, launch gaps and a gathered paged cache
+    included; summed into a step it came out 2.5-3x the same step replayed as a CUDA graph on the H200
+    it was measured on (docs/kvprof-kernels.md), so it is used only when given with ``--profile``."""
     root = root or PROFILES_ROOT
     if not root.is_dir():
         return []
-    found = sorted(root.rglob(f"{hardware}__{model}__tp{tp}.json"))
-    return sorted(found, key=lambda p: ("imported" in p.parts, str(p)))
+    return sorted(p for p in root.rglob(f"{hardware}__{model}__tp{tp}.json") if "kvprof" not in p.parts)
 
 
 def find_profile(model: str, hardware: str, tp: int):

@@ -15,22 +15,39 @@ _QUANT_FLOPS = 2.0
 _DEQUANT_FLOPS = 1.0
 
 
+#: CUDA-core operations per e4m3 element to turn it into fp16 and scale it where the GPU has no fp8
+#: (Ampere): a bit-level conversion (shift, mask, or) and the scale multiply. First principles; the two
+#: published Ampere figures it is checked against are in docs/method-costs.md
+_SOFTWARE_OPS_PER_ELEM = 4.0
+#: the same for the Triton path of vllm-project/vllm#45829 (lookup-table decode, register-bound): chosen so
+#: that kvsim's A100 decode kernel runs 1.60x the native bf16 one at that PR's measured shape (64
+#: sequences x 2048 tokens, 8 query / 2 KV heads of 128: 483.9 us against 301.8 us);
+#: tests/test_method_costs.py recomputes that ratio
+_TRITON_OPS_PER_ELEM = 34.0
+
 FP8_IMPLEMENTATIONS = {
     "auto": Implementation(
         "auto", basis="first principles / composed",
-        engine="vLLM's fp8 KV path: native where the GPU has fp8 tensor cores, else a software conversion",
+        engine="vLLM's fp8 KV path: native where the GPU has fp8 tensor cores, else the software conversion",
         source="resolves to native on GPUs with fp8 (Ada, Hopper, Blackwell) and to software on the rest (Ampere)"),
     "native": Implementation(
         "native", basis="first principles",
         engine="vLLM's fp8 KV on a GPU with fp8 support (FlashAttention 3 / FlashInfer read e4m3 blocks directly)",
         source="1 byte per element read, the conversion in the kernel's epilogue counted as one FLOP per element"),
     "software": Implementation(
-        "software", basis="composed", borrows=("gear/lmdeploy",),
-        engine=("an attention kernel on a GPU without fp8 (Ampere) that converts every e4m3 element to fp16 on the "
-                "CUDA cores before using it (vLLM's Triton path, vllm-project/vllm#45829)"),
-        source=("the conversion's cost per element borrowed from the measured int4 dequantising kernel of LMDeploy "
-                "(gear/lmdeploy dequant_ops_per_elem); checked against the published A100 kernel ratio of "
-                "vllm-project/vllm#45829 in docs/method-costs.md")),
+        "software", basis="first principles",
+        engine=("vLLM's fp8 KV on a GPU without fp8 (Ampere: FlashInfer or Triton attention converting e4m3 to fp16 "
+                "in the kernel, vllm-project/vllm#24577)"),
+        source=(f"{_SOFTWARE_OPS_PER_ELEM:g} CUDA-core operations per element read (bit-level conversion and scale), "
+                "hidden under the halved KV traffic at serving sizes; checked against vllm-project/vllm#42058 (A100, "
+                "vLLM 0.26: fp8 KV decode 0.4-5.5 % faster, prefill 2.5-5 % slower). Not LMDeploy's measured int4 "
+                "term (about 100 operations per element): on an A100 that would make fp8 decode about 4x slower, "
+                "which the published A100 figures refute")),
+    "triton": Implementation(
+        "triton", basis="published",
+        engine="the lookup-table Triton fp8 path for pre-fp8 GPUs of vllm-project/vllm#45829 (TRITON_ATTN)",
+        source=(f"{_TRITON_OPS_PER_ELEM:g} CUDA-core operations per element, so that the A100 decode kernel takes "
+                "1.60x the bf16 one at the PR's measured shape (483.9 vs 301.8 us)")),
 }
 
 
@@ -47,8 +64,10 @@ class FP8(Method):
     full-precision K/V (FlashAttention), as in vLLM.
 
     ``impl``: ``native`` is the above; ``software`` (GPUs without fp8, such as Ampere) also converts
-    every element read on the CUDA cores at the measured cost per element of LMDeploy's int4 kernel;
-    ``auto`` (default) picks ``native`` where the GPU has fp8 tensor cores, else ``software``.
+    every element read on the CUDA cores (a few operations per element, hidden under the halved traffic
+    at serving sizes, as vLLM's published A100 figures show); ``triton`` is the slower lookup-table
+    Triton path of vllm-project/vllm#45829 (its published kernel ratio); ``auto`` (default) picks
+    ``native`` where the GPU has fp8 tensor cores, else ``software``.
     """
 
     impl: str = "auto"
@@ -72,8 +91,9 @@ class FP8(Method):
 
     def decode_attention_work(self, model, tp, num_seqs, kept_tokens_sum):
         base = super().decode_attention_work(model, tp, num_seqs, kept_tokens_sum)
-        if self.impl == "software":
-            return base + dequant_alu_work(model, tp, kept_tokens_sum, self.terms()["dequant_ops_per_elem"])
+        if self.impl in ("software", "triton"):
+            ops = _SOFTWARE_OPS_PER_ELEM if self.impl == "software" else _TRITON_OPS_PER_ELEM
+            return base + dequant_alu_work(model, tp, kept_tokens_sum, ops)
         return base + Work(_DEQUANT_FLOPS * kept_tokens_sum * kv_elems_per_token_layer(model, tp), 0.0)
 
     def _quantize(self, model, tp, tokens: int) -> Work:
