@@ -33,29 +33,12 @@ import yaml
 
 from kvsim.config import EngineConfig, config_from_mapping
 from kvsim.errors import ConfigError
+from kvsim.specs.model import HF_MODELS  # Hugging Face ids -> shipped names
 
 METRICS = ("ttft_ms", "tpot_ms", "e2el_ms")
 STATS = ("mean", "p50", "p90", "p99")
 ERROR_COLUMNS = ["case", "metric", "stat", "predicted", "measured", "error_pct"]
 
-#: Hugging Face model ids -> kvsim's shipped model names
-HF_MODELS = {
-    "meta-llama/llama-3.1-8b": "llama-3.1-8b",
-    "meta-llama/llama-3.1-8b-instruct": "llama-3.1-8b",
-    "meta-llama/meta-llama-3.1-8b": "llama-3.1-8b",
-    "meta-llama/meta-llama-3-8b": "llama-3-8b",
-    "meta-llama/llama-2-7b-hf": "llama-2-7b",
-    "meta-llama/llama-2-13b-hf": "llama-2-13b",
-    "meta-llama/llama-3.1-70b": "llama-3.1-70b",
-    "qwen/qwen3-32b": "qwen3-32b",
-    "qwen/qwen3-30b-a3b": "qwen3-30b-a3b",
-    "qwen/qwen3-30b-a3b-instruct-2507": "qwen3-30b-a3b",
-    "qwen/qwen2.5-7b": "qwen2.5-7b",
-    "qwen/qwen2.5-7b-instruct": "qwen2.5-7b",
-    "mistralai/mistral-7b-v0.1": "mistral-7b-v0.1",
-    "mistralai/mixtral-8x7b-v0.1": "mixtral-8x7b",
-    "huggingfacetb/smollm2-135m": "smollm2-135m",
-}
 #: GPU product names (CUDA device names) -> kvsim hardware names; matched as regexes, first wins
 GPU_SKUS = [
     (r"rtx\s*pro\s*6000", "rtx-pro-6000"),
