@@ -191,7 +191,7 @@ def _limited(stream, n):
 
 def replay(trace, model="llama-3.1-8b", hardware="h100", method=None, config: EngineConfig | None = None,
            profile=None, slo: SLO | dict | None = None, out_dir=None, fmt=None, skip_invalid=False,
-           progress: bool = False, keep_rows: bool | None = None, fast_forward: bool = True,
+           progress: bool | str = False, keep_rows: bool | None = None, fast_forward: bool = True,
            check_invariants: bool = False, rate_scale: float = 1.0, limit: int | None = None,
            spec: RunSpec | None = None, timeline_interval_s: float = 1.0, plot: bool = True,
            total_hint: int | None = None, auto_profile: bool = True, lengths="auto",
@@ -220,7 +220,8 @@ def replay(trace, model="llama-3.1-8b", hardware="h100", method=None, config: En
         if progress:
             from tqdm import tqdm
             total = total_hint if total_hint is not None else (_count_lines(trace) if isinstance(trace, (str, Path)) else None)
-            bar = tqdm(total=total, unit="req", desc="replay", file=sys.stderr, mininterval=0.5, disable=None)
+            desc = progress if isinstance(progress, str) else "replay"
+            bar = tqdm(total=total, unit="req", desc=desc, file=sys.stderr, mininterval=0.5, disable=None)
         sampler = LengthSampler(lengths, cfg.seed, cfg.max_model_len)
         sim = Simulation(replicas, make_router(cfg.router), rec, sampler, bar, check_invariants)
         wall0 = time.perf_counter()

@@ -77,7 +77,10 @@ def apply_config_file(args) -> None:
     then from RUN_DEFAULTS; keep the file's engine options for :func:`engine_config`. A key the command
     has no use for is refused, never dropped."""
     base, run = EngineConfig(), {}
-    if getattr(args, "config", None):
+    args.engine_base = base
+    if not hasattr(args, "config"):
+        return  # a command without engine options (validate, methods, ...) keeps its own defaults
+    if args.config:
         base, run = load_run_file(args.config)
     args.engine_base = base
     for key, value in run.items():
@@ -143,9 +146,10 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", default=None, help="profile JSON (default: a committed one matching model x hardware x TP, else roofline)")
     p.add_argument("--no-profile", action="store_true", help="use the roofline even when a profile exists")
     p.add_argument("--lengths", default="auto", metavar="auto|published|trace|PROFILE",
-                   help="output-length source under compression: auto = a measurement made on this model "
-                        "(profiles/lengths/), else the method's published default; published = always the default; "
-                        "trace = the trace's lengths unchanged; PROFILE = this kvprof lengths file, for any model")
+                   help="output-length source under compression: auto = a kvprof lengths measurement made on this "
+                        "model (profiles/lengths/), else the method's published figure; published = always the "
+                        "published figure; trace = the trace's lengths unchanged; PROFILE = this kvprof lengths file, "
+                        "for any model. Lengths are cut at max_tokens and max_model_len (default: auto)")
     p.add_argument("--format", dest="fmt", default=None, help="trace format: kvsim | azure | mooncake (default: detected)")
     p.add_argument("--skip-invalid", action="store_true", help="reject malformed trace lines with a reason instead of stopping")
     p.add_argument("--slo", default=None, help="e.g. ttft_ms=2000,tpot_ms=100 (goodput counts requests meeting all)")
@@ -221,8 +225,8 @@ def cmd_trace(args) -> int:
 TRACE_HELP = "trace file: kvsim JSONL, Azure CSV or Mooncake JSONL, optionally .gz (format detected, or --format)"
 
 
-def add_trace_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("trace", help=TRACE_HELP)
+def add_trace_arg(p: argparse.ArgumentParser, optional: bool = False) -> None:
+    p.add_argument("trace", nargs="?" if optional else None, help=TRACE_HELP)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -297,7 +301,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         apply_config_file(args)
-        return int(args.func(args) or 0)
+        rc = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler, not at interpreter exit
+        return rc
     except KvsimError as e:
         print(f"kvsim: error: {e}", file=sys.stderr)
         return 2

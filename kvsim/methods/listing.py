@@ -92,7 +92,7 @@ def _measured_section() -> list[str]:
         for spec, entry in sorted((prof.lengths or {}).items()):
             x = np.asarray(entry.get("ratios") or [1.0])
             out.append(f"  {spec:<48} n {len(x):>4}  mean x{x.mean():.2f}  p99 x{np.percentile(x, 99):.2f}  "
-                       f"max x{x.max():.2f}")
+                       f"max x{x.max():.2f}  over x2: {int((x > 2).sum())}  over x5: {int((x > 5).sum())}")
         out += ["  (the tail comes from a 135M model's repetition loops against short full-cache answers: "
                 "docs/lengths.md)", ""]
     out.append("Every compressed length is cut at the request's max_tokens (when the trace has it) and at "

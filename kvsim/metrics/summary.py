@@ -29,6 +29,7 @@ def build_summary(spec, rec, replicas, lengths, sim, wall_s: float) -> dict:
         "kvsim_version": __import__("kvsim").__version__,
         "model": model.name,
         "hardware": spec.hardware.name,
+        "dtype": model.dtype,
         "method": method.spec_string(),
         "cost_model": cost.name,
         "engine": {k: v for k, v in cfg.__dict__.items()},
