@@ -249,10 +249,15 @@ class FakeBar:
     ["plan", SAMPLE, "--slo", "ttft_ms:p99=5000", "--limit", 20, "--max-replicas", 2],
     ["compare", SAMPLE, "--methods", "none,fp8", "--limit", 10],
     ["validate", "CASE", "--hardware", "h100", "--no-plot"],
+    ["sweep", "GRID", "--jobs", 1],
 ])
 def test_long_commands_show_progress_off_when_not_a_terminal(tmp_path, capsys, monkeypatch, argv):
     import tqdm
 
+    if "GRID" in argv:
+        grid = tmp_path / "grid.yaml"
+        grid.write_text(f"trace: {SAMPLE}\nlimit: 5\nmethod: [none, fp8]\n")
+        argv = [grid if a == "GRID" else a for a in argv]
     if "CASE" in argv:
         pytest.importorskip("torch")
         from profiler.replay import cli as rcli

@@ -253,7 +253,7 @@ class Replica:
         if p.ff_steps > 1:
             k, ends = p.ff_steps, p.ff_ends
             # the full count rose by one per sequence per inner step: g = k - 1 for every sequence
-            w = sum(ends[:-1]) - (k - 1) * start
+            w = sum(ends) - ends[-1] - (k - 1) * start
             full_tok_s = full_tok * dur - n * w
             if keeps_all:
                 held_tok_s = full_tok_s
