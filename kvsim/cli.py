@@ -315,8 +315,11 @@ def main(argv: list[str] | None = None) -> int:
         # interpreter's final flush does not fail again)
         import os
 
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):
+            pass  # no real file descriptor behind stdout: nothing left to flush at exit
         return 1
 
 

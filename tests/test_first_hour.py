@@ -378,11 +378,21 @@ def test_compare_labels_distinct_and_numbers_plain(tmp_path, capsys):
 
 
 # -- 10. papercuts ----------------------------------------------------------------------------------------------
-def test_output_piped_into_head_ends_quietly():
-    p = subprocess.run(f"{sys.executable} -m kvsim.cli methods | head -n 1", shell=True, capture_output=True,
-                       text=True, cwd=REPO)
-    assert "Traceback" not in p.stderr and "BrokenPipe" not in p.stderr
-    assert p.stdout.startswith("9 methods") or "methods" in p.stdout
+def test_output_piped_into_a_closed_reader_ends_quietly(monkeypatch):
+    class ClosedPipe:
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    assert main(["methods"]) == 1  # no traceback: the reader left, so the command stops
+    # and as a user sees it: `kvsim methods | true` (the reader exits before Python writes)
+    p = subprocess.run(["bash", "-c", f"{sys.executable} -m kvsim.cli methods | true; echo rc=${{PIPESTATUS[0]}}"],
+                       capture_output=True, text=True, cwd=REPO)
+    assert "Traceback" not in p.stderr and "BrokenPipe" not in p.stderr and "Exception ignored" not in p.stderr
+    assert p.stdout.strip() in ("rc=0", "rc=1")
 
 
 def test_empty_trace_warns(tmp_path, capsys):
@@ -396,7 +406,7 @@ def test_format_detection_error_names_the_flag(tmp_path, capsys):
     bad = tmp_path / "t.txt"
     bad.write_text("hello\n")
     rc, _, err = run(capsys, "replay", bad, "--quiet", "--out", tmp_path / "out")
-    assert rc == 2 and "--format" in err and "fmt=" not in err.split("(fmt=")[0][-5:]
+    assert rc == 2 and "pass --format" in err
 
 
 def test_progress_total_counts_a_last_line_without_newline(tmp_path):
@@ -429,7 +439,9 @@ def test_vllm_result_format(tmp_path, capsys):
     assert v["mean_ttft_ms"] == s["ttft_ms"]["mean"] and v["p99_itl_ms"] == s["itl_ms"]["p99"]
     assert v["median_e2el_ms"] == s["e2el_ms"]["median"] and v["request_goodput"] == s["goodput"]
     assert v["std_tpot_ms"] > 0
-    assert not (tmp_path / "plain" / "vllm_result.json").exists()
+    rc, _, _ = run(capsys, "replay", SAMPLE, "--limit", 5, "--quiet", "--out", tmp_path / "plain")
+    assert rc == 0 and (tmp_path / "plain" / "summary.json").is_file()
+    assert not (tmp_path / "plain" / "vllm_result.json").exists()  # kvsim's own format unless asked
 
 
 # -- 12. notebooks and install notes in the README ----------------------------------------------------------------
