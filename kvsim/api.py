@@ -38,6 +38,10 @@ from kvsim.specs.hardware import HardwareSpec, load_hardware
 from kvsim.specs.model import ModelSpec, load_model
 
 
+#: what ``--result-format`` accepts: kvsim's summary.json only, or vLLM's benchmark result beside it
+RESULT_FORMATS = ("kvsim", "vllm")
+
+
 @dataclass
 class RunSpec:
     """Everything that defines a replay, already parsed."""
@@ -51,6 +55,8 @@ class RunSpec:
     roofline_params: RooflineParams | None = None
     #: the serving engine whose step model ``roofline_params`` is (None: vLLM, kvsim's calibration)
     engine: str | None = None
+    #: output-length source: "auto", "published", "trace" or a lengths profile (engine/output_length.py)
+    lengths: object = "auto"
 
 
 def resolve_method(method, config: EngineConfig) -> Method:
@@ -64,7 +70,8 @@ def resolve_method(method, config: EngineConfig) -> Method:
 
 
 def make_spec(model="llama-3.1-8b", hardware="h100", method=None, config: EngineConfig | None = None,
-              profile=None, slo: SLO | None = None, auto_profile: bool = True, engine: str | None = None) -> RunSpec:
+              profile=None, slo: SLO | None = None, auto_profile: bool = True, lengths="auto",
+              engine: str | None = None) -> RunSpec:
     mspec = model if isinstance(model, ModelSpec) else load_model(model)
     hw = hardware if isinstance(hardware, HardwareSpec) else load_hardware(hardware)
     cfg = config or EngineConfig()
@@ -84,7 +91,10 @@ def make_spec(model="llama-3.1-8b", hardware="h100", method=None, config: Engine
     params = engine_params(engine)
     if params is not None and prof is not None and profile is None:
         prof = None  # a committed kernel profile is vLLM's kernels; another engine's fitted step model wins
-    return RunSpec(mspec, hw, meth, cfg, prof, slo or SLO(), params, engine if params is not None else None)
+    spec = RunSpec(mspec, hw, meth, cfg, prof, slo or SLO(), params, engine if params is not None else None,
+                   lengths=lengths)
+    length_ratio_for(spec)  # a bad --lengths choice fails here, before any work
+    return spec
 
 
 def make_cost(spec: RunSpec) -> CostModel:
@@ -99,13 +109,10 @@ def make_cost(spec: RunSpec) -> CostModel:
 
 
 def length_ratio_for(spec: RunSpec) -> LengthRatio:
-    if spec.profile is not None:
-        measured = (getattr(spec.profile, "lengths", None) or {}).get(spec.method.algorithm_spec())
-        if measured:
-            return LengthRatio(source=f"measured: profile {spec.profile.name}", samples=tuple(measured["ratios"]))
-    from kvsim.cost.profiled import measured_lengths
-    found = measured_lengths(spec.method.algorithm_spec())
-    return found if found is not None else spec.method.default_length_ratio()
+    """The run's output-length ratio distribution (the rules: kvsim.engine.output_length)."""
+    from kvsim.engine.output_length import choose_length_ratio
+
+    return choose_length_ratio(spec.model.name, spec.method, spec.profile, spec.lengths)
 
 
 def build_replicas(spec: RunSpec, recorder: Recorder, fast_forward: bool = True) -> list[Replica]:
@@ -193,13 +200,18 @@ def _limited(stream, n):
 
 def replay(trace, model="llama-3.1-8b", hardware="h100", method=None, config: EngineConfig | None = None,
            profile=None, slo: SLO | dict | None = None, out_dir=None, fmt=None, skip_invalid=False,
-           progress: bool = False, keep_rows: bool | None = None, fast_forward: bool = True,
+           progress: bool | str = False, keep_rows: bool | None = None, fast_forward: bool = True,
            check_invariants: bool = False, rate_scale: float = 1.0, limit: int | None = None,
            spec: RunSpec | None = None, timeline_interval_s: float = 1.0, plot: bool = True,
-           total_hint: int | None = None, auto_profile: bool = True) -> ReplayResult:
+           total_hint: int | None = None, auto_profile: bool = True, lengths="auto",
+           result_format: str = "kvsim") -> ReplayResult:
+    """Replay a trace; with ``out_dir``, write summary.json, requests.csv, timeline.csv/.png (and, with
+    ``result_format="vllm"``, vllm_result.json: the flat keys of vLLM's benchmark_serving result)."""
     if isinstance(slo, dict):
         slo = SLO(**slo)
-    spec = spec or make_spec(model, hardware, method, config, profile, slo, auto_profile=auto_profile)
+    if result_format not in RESULT_FORMATS:
+        raise ConfigError(f"result_format={result_format!r}: must be one of {', '.join(RESULT_FORMATS)}")
+    spec = spec or make_spec(model, hardware, method, config, profile, slo, auto_profile=auto_profile, lengths=lengths)
     cfg = spec.config
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
@@ -217,8 +229,10 @@ def replay(trace, model="llama-3.1-8b", hardware="h100", method=None, config: En
         if progress:
             from tqdm import tqdm
             total = total_hint if total_hint is not None else (_count_lines(trace) if isinstance(trace, (str, Path)) else None)
-            bar = tqdm(total=total, unit="req", desc="replay", file=sys.stderr, mininterval=0.5, disable=None)
-        sim = Simulation(replicas, make_router(cfg.router), rec, LengthSampler(lengths, cfg.seed), bar, check_invariants)
+            desc = progress if isinstance(progress, str) else "replay"
+            bar = tqdm(total=total, unit="req", desc=desc, file=sys.stderr, mininterval=0.5, disable=None)
+        sampler = LengthSampler(lengths, cfg.seed, cfg.max_model_len)
+        sim = Simulation(replicas, make_router(cfg.router), rec, sampler, bar, check_invariants)
         wall0 = time.perf_counter()
         stream = open_trace(trace, fmt, skip_invalid, cfg.max_model_len, rate_scale, limit)
         sim.run(stream)
@@ -231,8 +245,14 @@ def replay(trace, model="llama-3.1-8b", hardware="h100", method=None, config: En
             tl_f.close()
     from kvsim.metrics.summary import build_summary
     summary = build_summary(spec, rec, replicas, lengths, sim, wall)
+    if rec.num_arrivals == 0:
+        where = f" {trace}" if isinstance(trace, (str, Path)) else ""
+        print(f"kvsim: warning: the trace{where} has no requests; the summary is all zeros", file=sys.stderr)
     if out is not None:
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if result_format == "vllm":
+            from kvsim.metrics.summary import vllm_result
+            (out / "vllm_result.json").write_text(json.dumps(vllm_result(summary)) + "\n")
         if plot:
             from kvsim.metrics.plots import plot_timeline
             plot_timeline(out / "timeline.csv", out / "timeline.png", title=f"{spec.model.name} / {spec.hardware.name} / {spec.method.spec_string()}")
@@ -240,9 +260,18 @@ def replay(trace, model="llama-3.1-8b", hardware="h100", method=None, config: En
 
 
 def _count_lines(path) -> int | None:
+    """Lines of a trace file (the progress bar's total): a last line without a newline counts too, an
+    Azure CSV's header does not. Compressed files are not counted (None: the bar shows a rate only)."""
+    if str(path).endswith(".gz"):
+        return None
     try:
+        n, last = 0, b"\n"
         with open(path, "rb") as f:
-            n = sum(buf.count(b"\n") for buf in iter(lambda: f.read(1 << 20), b""))
+            for buf in iter(lambda: f.read(1 << 20), b""):
+                n += buf.count(b"\n")
+                last = buf[-1:]
+        if last != b"\n":
+            n += 1
         return max(0, n - (1 if str(path).endswith(".csv") else 0))
     except OSError:
         return None

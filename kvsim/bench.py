@@ -183,23 +183,37 @@ def register(sub) -> None:
     from kvsim import cli
 
     b = sub.add_parser("bench", help="fixed-batch prefill and decode throughput (kernel-paper style); sweeps in one process")
-    b.add_argument("--model", default=None, help="model (default llama-3.1-8b)")
-    b.add_argument("--hardware", default=None, help="GPU (default h100)")
+    b.add_argument("--model", default=None, help="shipped short name, Hugging Face id or config.json path (default: llama-3.1-8b)")
+    b.add_argument("--hardware", default=None, help="GPU name, `kvsim hardware` (default: h100)")
     b.add_argument("--engine", default=None, help="serving engine whose step model to use: vllm (default) or a fitted "
                                                  "one such as lmdeploy-0.6 (kvsim methods lists the fitted engines' data)")
     b.add_argument("--method", default=None, help="method spec, or several separated by commas "
                                                  "(none,kivi:bits=4,h2o:budget=512,window=32)")
     b.add_argument("--batch-size", default=None, help="batch size, or a comma-separated list (default 8)")
     b.add_argument("--prompt-len", default=None, help="prompt length in tokens, or a comma-separated list (default 1024)")
-    b.add_argument("--output-len", type=int, default=None, help="tokens generated per request (default 128)")
-    b.add_argument("--grid", default=None, help="YAML file with any of: " + ", ".join(GRID_KEYS) + " (flags override it)")
+    b.add_argument("--output-len", type=int, default=None,
+                   help="generated tokens per request, the prefill step samples the first (default 128)")
+    b.add_argument("--grid", default=None, help="YAML file with any of: " + ", ".join(GRID_KEYS)
+                   + " (flags and --config take precedence)")
     b.add_argument("--profile", default=None, help="profile JSON (default: a committed one matching model x hardware x TP)")
     b.add_argument("--no-profile", action="store_true", help="use the roofline even when a profile exists")
     b.add_argument("--out", default=None, help="folder for bench.csv and bench.json")
     b.add_argument("--json", action="store_true", help="print the rows as JSON (one object for a single point)")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     cli.add_engine_args(b)
-    b.set_defaults(func=_cmd_bench)
+    b.set_defaults(func=_cmd_bench, fill_run_keys=_fill_from_grid)
+
+
+def _fill_from_grid(args) -> None:
+    """Run keys from ``--grid`` where neither a flag nor ``--config`` gave them (then kvsim's defaults)."""
+    if not args.grid:
+        return
+    grid = load_grid(args.grid)
+    for key in ("model", "hardware", "engine", "output_len"):
+        if getattr(args, key) is None and key in grid:
+            setattr(args, key, grid[key])
+    if args.method is None and "method" in grid:
+        args.method = ",".join(str(x) for x in _as_list(grid["method"]))
 
 
 def _cmd_bench(args) -> int:
@@ -207,23 +221,15 @@ def _cmd_bench(args) -> int:
     from kvsim.methods import parse_method_list
 
     grid = load_grid(args.grid) if args.grid else {}
-
-    def pick(flag_value, key, default):
-        if flag_value is not None:
-            return flag_value
-        return grid.get(key, default)
-
-    methods_raw = pick(args.method, "method", "none")
-    methods = (parse_method_list(methods_raw) if isinstance(methods_raw, str)
-               else [m for x in _as_list(methods_raw) for m in parse_method_list(str(x))])
-    bs = pick(args.batch_size, "batch_size", 8)
-    ps = pick(args.prompt_len, "prompt_len", 1024)
+    config = cli.engine_config(args)
+    methods = parse_method_list(args.method or "none")
+    bs = args.batch_size if args.batch_size is not None else grid.get("batch_size", 8)
+    ps = args.prompt_len if args.prompt_len is not None else grid.get("prompt_len", 1024)
     batch_sizes = _int_list(bs, "--batch-size") if isinstance(bs, str) else [int(x) for x in _as_list(bs)]
     prompt_lens = _int_list(ps, "--prompt-len") if isinstance(ps, str) else [int(x) for x in _as_list(ps)]
-    rows = bench_sweep(methods, batch_sizes, prompt_lens, output_len=pick(args.output_len, "output_len", 128),
-                       model=pick(args.model, "model", "llama-3.1-8b"), hardware=pick(args.hardware, "hardware", "h100"),
-                       config=cli.engine_config(args), profile=args.profile, auto_profile=not args.no_profile,
-                       engine=pick(args.engine, "engine", None), progress=not args.quiet)
+    rows = bench_sweep(methods, batch_sizes, prompt_lens, output_len=args.output_len or 128,
+                       model=cli.model_arg(args), hardware=args.hardware, config=config, profile=args.profile,
+                       auto_profile=not args.no_profile, engine=args.engine, progress=not args.quiet)
     if args.out:
         write_outputs(rows, Path(args.out))
     if args.json:

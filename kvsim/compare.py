@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 from kvsim.cost.base import StepShape
@@ -14,7 +15,8 @@ COMPARE_COLUMNS = [
     "method", "completed", "rejected", "request_throughput", "output_throughput", "total_token_throughput",
     "ttft_ms_p50", "ttft_ms_p99", "tpot_ms_p50", "tpot_ms_p99", "e2el_ms_p50", "e2el_ms_p99", "goodput",
     "peak_batch_size", "mean_batch_size", "kv_bytes_per_token", "kv_bytes_saved_fraction", "kv_tokens_per_replica",
-    "mean_output_length_change", "output_length_source", "num_preemptions", "prefix_cache_hit_rate", "cost_model",
+    "mean_output_length_change", "output_length_source", "output_length_source_kind", "num_output_length_capped",
+    "kv_bytes_saved_fraction_peak", "num_preemptions", "prefix_cache_hit_rate", "cost_model",
 ]
 
 
@@ -33,13 +35,15 @@ def compare(trace, methods, out_dir, progress: bool = True, **replay_kw) -> list
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    spec_kw = {k: replay_kw.pop(k) for k in ("model", "hardware", "config", "profile", "slo", "auto_profile") if k in replay_kw}
+    spec_kw = {k: replay_kw.pop(k) for k in ("model", "hardware", "config", "profile", "slo", "auto_profile", "lengths")
+               if k in replay_kw}
     rows = []
-    for m in methods:
-        meth = parse_method(m) if not hasattr(m, "spec_string") else m
-        spec = api.make_spec(method=meth, **spec_kw)
+    specs = [api.make_spec(method=parse_method(m) if not hasattr(m, "spec_string") else m, **spec_kw) for m in methods]
+    for i, spec in enumerate(specs, 1):
         sub = out / _slug(spec.method.spec_string())
-        res = api.replay(trace, spec=spec, out_dir=sub, progress=progress, **replay_kw)
+        # one bar per method, named by it: "compare 2/5 kivi:bits=2"
+        desc = f"compare {i}/{len(specs)} {short_label(spec.method)}" if progress else False
+        res = api.replay(trace, spec=spec, out_dir=sub, progress=desc, **replay_kw)
         rows.append(compare_row(res.summary))
     write_table(rows, out / "compare.csv", out / "compare.md")
     plot_compare(rows, out / "compare.png")
@@ -50,12 +54,44 @@ def _slug(spec: str) -> str:
     return spec.replace(":", "_").replace(",", "_").replace("=", "")
 
 
-def _fmt(v):
-    if v is None:
+def short_label(method) -> str:
+    """A method's name with the knobs that differ from its defaults (``kivi:bits=2`` -> ``kivi``,
+    ``h2o:budget=512,window=32`` -> ``h2o:budget=512``): distinct for distinct settings, short for plots."""
+    from kvsim.methods import parse_method
+
+    m = parse_method(method) if not hasattr(method, "spec_string") else method
+    default = type(m)()
+    diff = [f"{k}={getattr(m, k)}" for k in type(m).knobs() if getattr(m, k) != getattr(default, k)]
+    return m.name + (":" + ",".join(diff) if diff else "")
+
+
+#: compare.md columns: (key, header, kind); kinds: "int", "num" (plain, thousands separated), "pct"
+MD_COLUMNS = [
+    ("method", "method", "text"), ("request_throughput", "req/s", "num"), ("output_throughput", "output tok/s", "num"),
+    ("ttft_ms_p50", "TTFT p50 ms", "num"), ("ttft_ms_p99", "TTFT p99 ms", "num"), ("tpot_ms_p50", "TPOT p50 ms", "num"),
+    ("tpot_ms_p99", "TPOT p99 ms", "num"), ("e2el_ms_p50", "E2EL p50 ms", "num"), ("e2el_ms_p99", "E2EL p99 ms", "num"),
+    ("goodput", "goodput req/s", "num"), ("peak_batch_size", "peak batch", "int"),
+    ("kv_bytes_per_token", "KV B/token", "int"), ("kv_bytes_saved_fraction", "KV saved", "pct"),
+    ("mean_output_length_change", "output length", "signed_pct"), ("output_length_source_kind", "length source", "text"),
+]
+
+
+def _fmt(v, kind: str = "num") -> str:
+    """Plain numbers for people: thousands separators, 3 significant digits below 100 (never 1.116e+04)."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
+    if kind == "text" or isinstance(v, str):
+        return str(v)
+    if kind == "pct":
+        return f"{100 * v:.1f} %"
+    if kind == "signed_pct":
+        return f"{100 * v:+.1f} %"
+    if kind == "int" or (isinstance(v, int) and not isinstance(v, bool)):
+        return f"{round(v):,}"
+    a = abs(v)
+    if a >= 100 or a == 0:
+        return f"{v:,.0f}"
+    return f"{v:,.{max(0, 2 - int(math.floor(math.log10(a))))}f}"
 
 
 def write_table(rows: list[dict], csv_path: Path, md_path: Path) -> None:
@@ -64,12 +100,10 @@ def write_table(rows: list[dict], csv_path: Path, md_path: Path) -> None:
         w.writeheader()
         for r in rows:
             w.writerow({k: r.get(k) for k in COMPARE_COLUMNS})
-    cols = ["method", "request_throughput", "output_throughput", "ttft_ms_p50", "ttft_ms_p99", "tpot_ms_p50",
-            "tpot_ms_p99", "e2el_ms_p50", "e2el_ms_p99", "goodput", "peak_batch_size", "kv_bytes_per_token",
-            "mean_output_length_change"]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines = ["| " + " | ".join(h for _, h, _ in MD_COLUMNS) + " |",
+             "|" + "|".join("---" if kind == "text" else "---:" for _, _, kind in MD_COLUMNS) + "|"]
     for r in rows:
-        lines.append("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
+        lines.append("| " + " | ".join(_fmt(r.get(k), kind) for k, _, kind in MD_COLUMNS) + " |")
     md_path.write_text("\n".join(lines) + "\n")
 
 
@@ -77,10 +111,10 @@ def plot_compare(rows: list[dict], png: Path) -> None:
     from kvsim.metrics.plots import _plt
 
     plt = _plt()
-    names = [r["method"].split(":")[0] if len(r["method"]) > 22 else r["method"] for r in rows]
+    names = [short_label(r["method"]) for r in rows]
     panels = [("output_throughput", "output tok/s"), ("ttft_ms_p99", "p99 TTFT (ms)"),
               ("tpot_ms_p50", "p50 TPOT (ms)"), ("e2el_ms_p99", "p99 E2EL (ms)"),
-              ("peak_batch_size", "peak batch"), ("kv_bytes_per_token", "KV bytes/token")]
+              ("peak_batch_size", "peak batch"), ("kv_bytes_saved_fraction", "KV bytes saved (time-averaged)")]
     fig, axes = plt.subplots(2, 3, figsize=(12, 6))
     for ax, (k, label) in zip(axes.flat, panels):
         ax.bar(range(len(rows)), [r.get(k) or 0 for r in rows], color="tab:blue")
@@ -96,10 +130,11 @@ def register(sub) -> None:
     from kvsim import cli
 
     c = sub.add_parser("compare", help="run several methods on the same trace and seed; one table and plots")
-    c.add_argument("trace")
-    c.add_argument("--methods", required=True, help="comma-separated specs, e.g. none,fp8,kivi:bits=2,h2o:budget=512")
-    c.add_argument("--out", default="out/compare")
-    c.add_argument("--quiet", action="store_true")
+    cli.add_trace_arg(c)
+    c.add_argument("--methods", default=None, help="comma-separated specs, e.g. none,fp8,kivi:bits=2,h2o:budget=512 "
+                   "(default: the --config file's method)")
+    c.add_argument("--out", default="out/compare", help="output directory: compare.csv/.md/.png and one replay folder per method")
+    c.add_argument("--quiet", action="store_true", help="no progress bars")
     cli.add_run_args(c)
     c.set_defaults(func=_cmd_compare)
 
@@ -108,11 +143,14 @@ def _cmd_compare(args) -> int:
     from kvsim import cli
     from kvsim.methods import parse_method_list
 
+    if not args.methods:
+        raise ConfigError("compare: give the methods to compare with --methods (or method: [...] in --config)")
     methods = parse_method_list(args.methods)
-    rows = compare(args.trace, methods, args.out, progress=not args.quiet, model=args.model, hardware=args.hardware,
-                   config=cli.engine_config(args), profile=args.profile, slo=cli.parse_slo(args.slo),
-                   auto_profile=not args.no_profile, fmt=args.fmt, skip_invalid=args.skip_invalid,
-                   rate_scale=args.rate_scale, limit=args.limit)
+    rows = compare(args.trace, methods, args.out, progress=not args.quiet, model=cli.model_arg(args),
+                   hardware=args.hardware, config=cli.engine_config(args), profile=args.profile,
+                   slo=cli.parse_slo(args.slo), auto_profile=not args.no_profile, lengths=args.lengths, fmt=args.fmt,
+                   skip_invalid=args.skip_invalid, rate_scale=args.rate_scale, limit=args.limit,
+                   result_format=args.result_format)
     print(Path(args.out, "compare.md").read_text())
     print(f"wrote {args.out}/compare.csv, compare.md, compare.png and one replay folder per method ({len(rows)})")
     return 0

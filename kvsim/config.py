@@ -170,6 +170,44 @@ def read_yaml(path: str | Path, what: str = "config file"):
         raise ConfigError(f"{p}: not valid YAML: {e}") from None
 
 
+#: keys a ``--config`` file may hold beside the engine options: what to run. Command-line flags override
+#: them as they override the engine options; ``dtype`` is vLLM's ``--dtype`` (kvsim.specs.model.apply_dtype)
+RUN_KEYS = ("model", "hardware", "method", "dtype")
+
+
+def load_run_file(path: str | Path) -> tuple[EngineConfig, dict]:
+    """A user's ``--config`` YAML: (engine options, run keys). Every key is honoured or refused: engine
+    options by vLLM's names, ``model``, ``hardware``, ``method`` and ``dtype``; anything else (a typo, or
+    a key that only describes a measured run, like ``gpu``) is an error naming the file and the key."""
+    p = Path(path)
+    data = read_yaml(p, "config file")
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: top level must be a mapping of engine options")
+    engine, run = {}, {}
+    for raw_key, value in data.items():
+        key = str(raw_key).replace("-", "_")
+        if key in RUN_KEYS:
+            ok = isinstance(value, str) and value.strip() if key != "method" else (
+                isinstance(value, (str, dict)) or (isinstance(value, list) and value))
+            if not ok:
+                raise ConfigError(f"{p}: key {raw_key!r}: value {value!r} is not a "
+                                  + ("method spec (NAME:knob=value,..., a mapping with 'name', or a list)"
+                                     if key == "method" else f"{key} name"))
+            if key == "model" and value.strip().endswith(".json") and not Path(value.strip()).is_absolute():
+                value = str(p.parent / value.strip())  # a config.json next to the YAML file
+            run[key] = value
+        elif key in FIELDS:
+            engine[raw_key] = value
+        else:
+            raise ConfigError(
+                f"{p}: unknown key {raw_key!r} (value {value!r}); a config file takes {', '.join(RUN_KEYS)} and "
+                f"the engine options {', '.join(sorted(FIELDS))}")
+    cfg, _ = config_from_mapping(engine, source=str(p))
+    return cfg, run
+
+
 def load_config_file(path: str | Path, base: EngineConfig | None = None) -> tuple[EngineConfig, dict]:
     p = Path(path)
     data = read_yaml(p, "config file")

@@ -27,7 +27,7 @@ class ConfigError(KvsimError, ValueError):
 class UnknownNameError(KvsimError, ValueError):
     """An unknown model, hardware or method name; the message lists the known ones."""
 
-    def __init__(self, kind: str, name: str, known):
+    def __init__(self, kind: str, name: str, known, hint: str = ""):
         self.kind, self.name = kind, name
         self.known = sorted(known)
-        super().__init__(f"unknown {kind} {name!r}; known {kind}s: {', '.join(self.known)}")
+        super().__init__(f"unknown {kind} {name!r}; known {kind}s: {', '.join(self.known)}" + (f"; {hint}" if hint else ""))

@@ -33,29 +33,12 @@ import yaml
 
 from kvsim.config import EngineConfig, config_from_mapping
 from kvsim.errors import ConfigError
+from kvsim.specs.model import HF_MODELS  # Hugging Face ids -> shipped names
 
 METRICS = ("ttft_ms", "tpot_ms", "e2el_ms")
 STATS = ("mean", "p50", "p90", "p99")
 ERROR_COLUMNS = ["case", "metric", "stat", "predicted", "measured", "error_pct"]
 
-#: Hugging Face model ids -> kvsim's shipped model names
-HF_MODELS = {
-    "meta-llama/llama-3.1-8b": "llama-3.1-8b",
-    "meta-llama/llama-3.1-8b-instruct": "llama-3.1-8b",
-    "meta-llama/meta-llama-3.1-8b": "llama-3.1-8b",
-    "meta-llama/meta-llama-3-8b": "llama-3-8b",
-    "meta-llama/llama-2-7b-hf": "llama-2-7b",
-    "meta-llama/llama-2-13b-hf": "llama-2-13b",
-    "meta-llama/llama-3.1-70b": "llama-3.1-70b",
-    "qwen/qwen3-32b": "qwen3-32b",
-    "qwen/qwen3-30b-a3b": "qwen3-30b-a3b",
-    "qwen/qwen3-30b-a3b-instruct-2507": "qwen3-30b-a3b",
-    "qwen/qwen2.5-7b": "qwen2.5-7b",
-    "qwen/qwen2.5-7b-instruct": "qwen2.5-7b",
-    "mistralai/mistral-7b-v0.1": "mistral-7b-v0.1",
-    "mistralai/mixtral-8x7b-v0.1": "mixtral-8x7b",
-    "huggingfacetb/smollm2-135m": "smollm2-135m",
-}
 #: GPU product names (CUDA device names) -> kvsim hardware names; matched as regexes, first wins
 GPU_SKUS = [
     (r"rtx\s*pro\s*6000", "rtx-pro-6000"),
@@ -120,9 +103,11 @@ def model_name(value, source: str) -> str:
                           f"({', '.join(sorted(HF_MODELS))}) nor a kvsim model name") from None
 
 
-def hardware_name(extra: dict, source: str) -> str:
+def hardware_name(extra: dict, source: str, override: str | None = None) -> str:
     from kvsim.specs.hardware import load_hardware
 
+    if override:
+        return load_hardware(override).name
     if extra.get("hardware"):
         try:
             return load_hardware(str(extra["hardware"])).name
@@ -138,7 +123,11 @@ def hardware_name(extra: dict, source: str) -> str:
     try:
         return load_hardware(str(sku)).name
     except Exception:
-        raise ConfigError(f"{source}: key 'gpu.sku': value {sku!r} is not a GPU kvsim knows") from None
+        hint = ("; this run was on a CPU (kvprof replay without a GPU, e.g. --tiny): kvsim models GPUs, so "
+                "`kvsim validate --hardware NAME` replays it on one (the errors then compare a CPU with a "
+                "modelled GPU and check the case format, not kvsim's fidelity)" if "cpu" in str(sku).lower() else
+                "; `kvsim validate --hardware NAME` names the GPU to model (`kvsim hardware` lists them)")
+        raise ConfigError(f"{source}: key 'gpu.sku': value {sku!r} is not a GPU kvsim knows{hint}") from None
 
 
 def _read_measured(path: Path) -> list[dict]:
@@ -184,7 +173,8 @@ def read_anchor(path: Path) -> dict | None:
     return {"metrics": out, "header": header} if out else None
 
 
-def load_case(case_dir) -> Case:
+def load_case(case_dir, hardware: str | None = None) -> Case:
+    """Read a measured case folder; ``hardware`` overrides the GPU its run.yaml names."""
     d = Path(case_dir)
     run = d / "run.yaml"
     if not run.is_file():
@@ -206,7 +196,7 @@ def load_case(case_dir) -> Case:
     if "model" not in extra:
         raise ConfigError(f"{run}: key 'model' is missing")
     model = model_name(extra["model"], str(run))
-    hw = hardware_name(extra, str(run))
+    hw = hardware_name(extra, str(run), hardware)
     wl = extra.get("workload")
     if not wl:
         raise ConfigError(f"{run}: key 'workload' is missing (path of the trace, relative to run.yaml)")
@@ -356,7 +346,7 @@ def resolve_spec(case: Case, use_profile: bool = True, profile=None, roofline_pa
     return spec
 
 
-def simulate(case: Case, spec, arrivals: str = "measured", timeline_out=None):
+def simulate(case: Case, spec, arrivals: str = "measured", timeline_out=None, progress=None):
     """Replay the case; returns (summary, rows by request_id, step log)."""
     from kvsim import api
     from kvsim.engine.cluster import make_router
@@ -375,7 +365,7 @@ def simulate(case: Case, spec, arrivals: str = "measured", timeline_out=None):
         _wrap_begin(r, log)
     # a measured case pins every request's output length (ignore_eos): no length ratio is sampled
     lengths = LengthRatio(source="measured case: output lengths as served")
-    sim = Simulation(replicas, make_router(spec.config.router), rec, LengthSampler(lengths, spec.config.seed))
+    sim = Simulation(replicas, make_router(spec.config.router), rec, LengthSampler(lengths, spec.config.seed), progress)
     w0 = time.perf_counter()
     sim.run(case_requests(case, arrivals))
     wall = time.perf_counter() - w0
@@ -449,14 +439,15 @@ class CaseResult:
 
 
 def validate_case(case: Case, out_dir: Path | None = None, use_profile: bool = True, profile=None,
-                  roofline_params: str = "withheld", arrivals: str = "measured", plot: bool = True) -> CaseResult:
+                  roofline_params: str = "withheld", arrivals: str = "measured", plot: bool = True,
+                  progress=None) -> CaseResult:
     spec = resolve_spec(case, use_profile, profile, roofline_params)
     tl_buf = None
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         tl_buf = open(out_dir / "timeline.csv", "w", newline="")
     try:
-        summary, rows, steps = simulate(case, spec, arrivals, tl_buf)
+        summary, rows, steps = simulate(case, spec, arrivals, tl_buf, progress)
     finally:
         if tl_buf:
             tl_buf.close()
@@ -727,13 +718,28 @@ def format_table(results: list[CaseResult]) -> str:
 
 
 def validate(case_dirs, out_dir=None, use_profile: bool = True, profile=None, roofline_params: str = "withheld",
-             arrivals: str = "measured", plot: bool = True) -> list[CaseResult]:
+             arrivals: str = "measured", plot: bool = True, hardware: str | None = None,
+             progress: bool = False) -> list[CaseResult]:
+    """Replay each measured case and compare. ``hardware`` overrides the GPU of every case; ``progress``
+    shows a bar per case on stderr (off when stderr is not a terminal)."""
     out = Path(out_dir) if out_dir is not None else None
     results = []
-    for d in case_dirs:
-        case = load_case(d)
+    cases = [load_case(d, hardware) for d in case_dirs]
+    for i, case in enumerate(cases, 1):
         sub = out / case.case_id if out is not None else None
-        results.append(validate_case(case, sub, use_profile, profile, roofline_params, arrivals, plot))
+        bar = None
+        if progress:
+            import sys
+
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(case.measured), unit="req", desc=f"validate {i}/{len(cases)} {case.case_id}",
+                       file=sys.stderr, mininterval=0.5, disable=None)
+        try:
+            results.append(validate_case(case, sub, use_profile, profile, roofline_params, arrivals, plot, bar))
+        finally:
+            if bar is not None:
+                bar.close()
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         write_errors_csv([e for r in results for e in r.errors], out / "errors.csv")
@@ -756,13 +762,16 @@ def register(sub) -> None:
                    help="without a profile: params fitted with this case's (hardware, model) withheld, or on all profiles")
     v.add_argument("--arrivals", choices=["measured", "workload"], default="measured",
                    help="realised arrival times from measured.csv (default) or the workload's intended ones")
-    v.add_argument("--no-plot", action="store_true")
+    v.add_argument("--hardware", default=None, help="model every case on this GPU instead of the one its run.yaml "
+                   "names (needed for a case measured on a CPU, e.g. kvprof replay --tiny)")
+    v.add_argument("--no-plot", action="store_true", help="skip latency.png per case")
+    v.add_argument("--quiet", action="store_true", help="no progress bar")
     v.set_defaults(func=_cmd_validate)
 
 
 def _cmd_validate(args) -> int:
     results = validate(args.cases, args.out, not args.no_profile, args.profile, args.roofline_params, args.arrivals,
-                       plot=not args.no_plot)
+                       plot=not args.no_plot, hardware=args.hardware, progress=not args.quiet)
     print(format_table(results))
     for r in results:
         print(format_case_md(r))

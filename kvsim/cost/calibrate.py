@@ -411,9 +411,11 @@ def fit_all(tables: list[OpTable]) -> tuple[RooflineParams, dict[str, tuple[Roof
     return default, per_hw
 
 
-def leave_one_out(tables: list[OpTable]) -> dict[tuple[str, str], tuple[RooflineParams, str]]:
+def leave_one_out(tables: list[OpTable], bar=None) -> dict[tuple[str, str], tuple[RooflineParams, str]]:
     out = {}
     for pair in sorted({t.pair for t in tables}):
+        if bar is not None:
+            bar.set_postfix_str(f"without {pair[0]}/{pair[1]}")
         rest = [t for t in tables if t.pair != pair]
         default, per_hw = fit_all(rest)
         hw = pair[0]
@@ -424,6 +426,8 @@ def leave_one_out(tables: list[OpTable]) -> dict[tuple[str, str], tuple[Roofline
             p = replace(default, source=f"kvsim calibrate: default fitted without {hw}/{pair[1]}")
             how = "default fit on other hardware (hardware unseen)"
         out[pair] = (p, how)
+        if bar is not None:
+            bar.update(1)
     return out
 
 
@@ -472,10 +476,23 @@ def apply_skew(default, per_hw, loo_params, skew: dict):
     return default, out_hw, out_loo
 
 
-def run(out_dir=None, write_yaml: Path | None = CALIBRATION_YAML, paths=None, loo: bool = True) -> dict:
+def run(out_dir=None, write_yaml: Path | None = CALIBRATION_YAML, paths=None, loo: bool = True,
+        progress: bool = False) -> dict:
     tables = load_tables(paths)
+    bar = None
+    if progress:  # one step for the fit on everything, one per leave-one-out refit (off when not a terminal)
+        import sys
+
+        from tqdm import tqdm
+
+        bar = tqdm(total=1 + (len({t.pair for t in tables}) if loo else 0), unit="fit", desc="calibrate",
+                   file=sys.stderr, disable=None)
     default, per_hw = fit_all(tables)
-    loo_params = leave_one_out(tables) if loo else {}
+    if bar is not None:
+        bar.update(1)
+    loo_params = leave_one_out(tables, bar) if loo else {}
+    if bar is not None:
+        bar.close()
     default, per_hw, loo_params = apply_skew(default, per_hw, loo_params, load_skew(paths))
     before = RooflineParams()
     rows = []
@@ -723,11 +740,13 @@ def register(sub) -> None:
     c.add_argument("--yaml", default=str(CALIBRATION_YAML), help="calibration file to write")
     c.add_argument("--no-write", action="store_true", help="report only; leave the calibration file alone")
     c.add_argument("--no-loo", action="store_true", help="skip the leave-one-out refits")
+    c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=_cmd)
 
 
 def _cmd(args) -> int:
-    res = run(args.out, None if args.no_write else Path(args.yaml), args.profiles, loo=not args.no_loo)
+    res = run(args.out, None if args.no_write else Path(args.yaml), args.profiles, loo=not args.no_loo,
+              progress=not args.quiet)
     print(format_markdown(res))
     print(f"outputs: {args.out}/operator_errors.csv summary.csv summary.md params.csv fit.png"
           + ("" if args.no_write else f"; wrote {args.yaml}"))

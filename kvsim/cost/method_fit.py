@@ -436,10 +436,10 @@ def write_outputs(result: dict, out: Path, data_path: str, plot: bool = True) ->
 
 def register(sub) -> None:
     p = sub.add_parser("fit-methods", help="fit measured method implementations on the seed paper's LMDeploy data")
-    p.add_argument("--data", default=None, help="throughput.csv (default: ../shared/reference/seed-lmdeploy/)")
+    p.add_argument("--data", default=None, help="the seed paper's throughput.csv (default: ../shared/reference/seed-lmdeploy/throughput.csv)")
     p.add_argument("--out", default="out/method-fit", help="folder for method_terms.yaml, errors.csv/.md and plots")
     p.add_argument("--no-plot", action="store_true", help="skip the ratio plots")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress messages")
     p.set_defaults(func=_cmd)
 
 

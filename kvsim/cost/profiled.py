@@ -36,27 +36,13 @@ def find_profile(model: str, hardware: str, tp: int):
 
 
 @lru_cache(maxsize=1)
-def _length_profiles():
+def length_profiles():
+    """The committed ``kvprof lengths`` profiles (``profiles/lengths/*.json``), loaded once. Which one a run
+    uses is decided in kvsim.engine.output_length.choose_length_ratio."""
     from kvsim.cost.profile import load_profile
 
     d = PROFILES_ROOT / "lengths"
     return [(p, load_profile(p)) for p in sorted(d.glob("*.json"))] if d.is_dir() else []
-
-
-def measured_lengths(method_spec: str):
-    """A measured length-ratio distribution for this exact method setting (``profiles/lengths/``)."""
-    from kvsim.methods.base import LengthRatio
-
-    for p, prof in _length_profiles():
-        entry = (prof.lengths or {}).get(method_spec)
-        if not entry or not entry.get("ratios"):
-            continue
-        # a setting whose answers all equal the full cache's never compressed anything on that prompt
-        # set (a budget above every prompt + answer): it says nothing about longer contexts
-        if all(r == 1.0 for r in entry["ratios"]) and entry.get("mean_rouge_l", 0.0) >= 0.999:
-            continue
-        return LengthRatio(source=f"measured: {prof.name} ({p.name})", samples=tuple(entry["ratios"]))
-    return None
 
 
 def prefill_lookup(table, q: int, kv: int):

@@ -24,8 +24,13 @@ class KVCacheManager:
         self.pool = pool
         self.method = method
         self.bs = pool.block_size
-        block_bytes = self.bs * method.bytes_per_token(model, tp)
-        extra = method.extra_bytes_per_seq(model, tp)
+        #: bytes of one kept token, a sequence's fixed extra (e.g. KIVI's full-precision tail), and one
+        #: token in the full cache: what KV bytes held / saved are counted in (kvsim.engine.replica)
+        self.bytes_per_token = method.bytes_per_token(model, tp)
+        self.extra_bytes_per_seq = method.extra_bytes_per_seq(model, tp)
+        self.full_bytes_per_token = model.kv_bytes_per_token(tensor_parallel_size=tp)
+        block_bytes = self.bs * self.bytes_per_token
+        extra = self.extra_bytes_per_seq
         #: blocks each sequence needs beyond its kept tokens (e.g. KIVI's full-precision tail)
         self.extra_blocks = int(-(-extra // block_bytes)) if extra > 0 else 0
         self.paged = method.paged

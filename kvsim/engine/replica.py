@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, field
-from itertools import pairwise
+from itertools import accumulate, pairwise
+from operator import attrgetter
 
 from kvsim.cost.base import CostModel, StepShape
 from kvsim.engine.kv_cache_manager import KVCacheManager
@@ -51,6 +52,16 @@ class Replica:
         self.lockstep_group = None
         self.pending: PendingStep | None = None
         self._timeline_last_s = -float("inf")
+        #: KV bytes held by the running sequences and what the full cache would hold for them, integrated
+        #: over simulated time (byte-seconds); the current values and when they were last updated
+        self.kv_held_byte_s = 0.0
+        self.kv_full_byte_s = 0.0
+        self._kv_held_now = 0.0
+        self._kv_full_now = 0.0
+        self._kv_last_s = 0.0
+        #: the most KV bytes this replica's sequences held at once, and the most the full cache would have
+        self.peak_kv_held_bytes = 0.0
+        self.peak_kv_full_bytes = 0.0
 
     # -- arrivals -----------------------------------------------------------------------------------
     def add(self, seq: Sequence) -> str | None:
@@ -208,6 +219,71 @@ class Replica:
                 hi = mid
         return lo + 1
 
+    def _account_kv(self, p: PendingStep, t: float, fin: list) -> None:
+        """Integrate KV bytes held and full-cache bytes over the step (or stretch) that ends at ``t``.
+
+        One definition, used for ``kv_bytes_saved_fraction`` (time-averaged) and its peak: a running
+        sequence holds ``kept_tokens x bytes_per_token + extra_bytes_per_seq`` (what the method stores),
+        the full cache would hold ``num_computed x full bytes_per_token`` for the same sequence. During a
+        step the running sequences hold what they hold at its end (its blocks are allocated when it is
+        scheduled); between steps, what the last step left. Inside a fast-forward stretch every inner step
+        is counted at its own end state, in closed form: step j of k (end e_j, e_-1 = start) holds
+        kept_end - (g - min(j, g)) tokens of a sequence whose kept count grew g times in the stretch, and
+        sum_{j<g} (g - j)(e_j - e_{j-1}) = sum_{i<g} e_i - g start, so it is exact, as stepping."""
+        kv = self.kv
+        seqs = self.scheduler.running
+        start = p.start_s
+        keeps_all = kv._keeps_all
+        # between the last step and this one (an idle replica holds nothing)
+        gap = start - self._kv_last_s
+        if gap > 0:
+            self.kv_held_byte_s += self._kv_held_now * gap
+            self.kv_full_byte_s += self._kv_full_now * gap
+        dur = t - start
+        if keeps_all:
+            full_tok = held_tok = sum(map(_num_computed, seqs))
+        else:
+            kept = self.method.kept_tokens
+            full_tok = held_tok = 0
+            for s in seqs:
+                full_tok += s.num_computed
+                held_tok += kept(s.prefill_base, s.num_computed)
+        n = len(seqs)
+        held_tok_s = full_tok_s = None
+        if p.ff_steps > 1:
+            k, ends = p.ff_steps, p.ff_ends
+            # the full count rose by one per sequence per inner step: g = k - 1 for every sequence
+            w = sum(ends) - ends[-1] - (k - 1) * start
+            full_tok_s = full_tok * dur - n * w
+            if keeps_all:
+                held_tok_s = full_tok_s
+            else:
+                prefix = [0.0, *accumulate(ends)]
+                held_tok_s = held_tok * dur
+                kept = self.method.kept_tokens
+                for s in seqs:
+                    g = kept(s.prefill_base, s.num_computed) - kept(s.prefill_base, s.num_computed - (k - 1))
+                    if g > 0:
+                        held_tok_s -= prefix[g] - g * start
+        else:
+            full_tok_s, held_tok_s = full_tok * dur, held_tok * dur
+        bpt, extra, full_bpt = kv.bytes_per_token, kv.extra_bytes_per_seq, kv.full_bytes_per_token
+        self.kv_held_byte_s += held_tok_s * bpt + n * extra * dur
+        self.kv_full_byte_s += full_tok_s * full_bpt
+        held, full = held_tok * bpt + n * extra, full_tok * full_bpt
+        # kept and computed counts only grow inside a stretch, so its end is its peak, as stepping sees it
+        if held > self.peak_kv_held_bytes:
+            self.peak_kv_held_bytes = held
+        if full > self.peak_kv_full_bytes:
+            self.peak_kv_full_bytes = full
+        # what stays after this step: the sequences that finished in it leave
+        if fin:
+            f_full = sum(map(_num_computed, fin))
+            f_held = f_full if keeps_all else sum(self.method.kept_tokens(s.prefill_base, s.num_computed) for s in fin)
+            held -= f_held * bpt + len(fin) * extra
+            full -= f_full * full_bpt
+        self._kv_held_now, self._kv_full_now, self._kv_last_s = held, full, t
+
     def truncate(self, t_s: float) -> bool:
         """A request arrived here at ``t_s`` during a fast-forward stretch: keep only the steps up to
         the first one that ends at or after ``t_s`` (stepping would plan anew right after it).
@@ -280,6 +356,7 @@ class Replica:
             rec.itl.add_many(itl)
             rec.step(1, len(plan.scheduled))
         rec.kv_used(kv.pool.num_used)
+        self._account_kv(p, t, finished)
         if finished:
             done = set(map(id, finished))
             sched.running = [s for s in sched.running if id(s) not in done]
@@ -294,5 +371,7 @@ class Replica:
                          force=True)
         return finished
 
+
+_num_computed = attrgetter("num_computed")
 
 __all__ = ["Replica", "PendingStep", "RUNNING"]

@@ -161,7 +161,8 @@ class Simulation:
                 yield self._at(t)
             self.next_arrival_s = self._peek_time(nxt, t)
             rec.arrival(item.arrival_time_s)
-            seq = Sequence(item, index, self.lengths.output_tokens(item.output_tokens))
+            seq = Sequence(item, index, self.lengths.output_tokens(item.output_tokens, item.prompt_tokens,
+                                                                   item.max_tokens))
             index += 1
             r = self.router.pick(self._units, t)
             if isinstance(r, LockstepGroup):

@@ -34,6 +34,11 @@ class LengthRatio:
     mean_ratio: float = 1.0
     sigma: float = 0.0
     samples: tuple[float, ...] = ()
+    #: "published" (a method's documented default), "measured" (``kvprof lengths``) or "unchanged"
+    #: (ratio 1: the full cache, no published figure, or ``--lengths trace``); chosen in engine/output_length
+    kind: str = "published"
+    #: the model a measured distribution was measured on
+    measured_on: str | None = None
 
     @property
     def log_mu(self) -> float:

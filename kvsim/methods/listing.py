@@ -21,11 +21,19 @@ def _knobs(cls: type[Method]) -> str:
     return ", ".join(f"{k}={v}" for k, v in knobs.items()) if knobs else "(none)"
 
 
-def format_methods() -> str:
-    """Plain-text listing, one block per method, in name order."""
+def format_methods(model: str | None = None, lengths: str = "auto") -> str:
+    """Plain-text listing, one block per method, in name order, then the measured output lengths. With
+    ``model``: the output-length source a replay of that model uses for each method's default setting."""
+    from kvsim.engine.output_length import choose_length_ratio
+
     methods = all_methods()
     lines = [f"{len(methods)} methods. Spec: NAME or NAME:knob=value,... (e.g. h2o:budget=512,window=32); "
              "the knobs below are the defaults.", ""]
+    mspec = None
+    if model is not None:
+        from kvsim.specs.model import load_model
+
+        mspec = load_model(model)
     for name, cls in methods.items():
         default = cls()
         lines += [
@@ -38,10 +46,14 @@ def format_methods() -> str:
             f"  prefill:        {'FlashAttention (no score matrix)' if default.prefill_attention == 'flash' else 'eager (materialised scores)'}",
             f"  prefix sharing: {'yes' if default.shares_prefix else 'no'}",
             f"  output length:  {_length(default)}",
-            f"  paper:          {cls.paper}",
         ]
+        if mspec is not None:
+            r = choose_length_ratio(mspec.name, default, None, lengths)
+            lines.append(f"  for {mspec.name}: {_describe(r)}")
+        lines.append(f"  paper:          {cls.paper}")
         lines += _implementations(cls, default)
         lines.append("")
+    lines += _measured_section()
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -76,8 +88,48 @@ def _num(v) -> str:
 def _length(m: Method) -> str:
     r = m.default_length_ratio()
     if r.sigma == 0.0 and r.mean_ratio == 1.0:
-        return "x1.00 by default (" + r.source.split(";")[0] + ")"
-    return f"mean x{r.mean_ratio:.2f}, log-sigma {r.sigma:.2f} (lognormal) by default; from {r.source.split(': ')[0]}"
+        return "x1.00, published default (" + r.source.split(";")[0] + ")"
+    return (f"published default: mean x{r.mean_ratio:.2f}, log-sigma {r.sigma:.2f} (lognormal), "
+            f"from {r.source.split(': ')[0]}")
+
+
+def _describe(r) -> str:
+    import numpy as np
+
+    if r.kind == "measured":
+        x = np.asarray(r.samples)
+        return (f"measured on {r.measured_on}: mean x{x.mean():.2f}, p99 x{np.percentile(x, 99):.2f}, "
+                f"max x{x.max():.2f} ({r.source})")
+    if r.kind == "unchanged":
+        return f"unchanged, x1.00 ({r.source.split(';')[0]})"
+    return f"published default, mean x{r.mean_ratio:.2f} (lognormal, log-sigma {r.sigma:.2f})"
+
+
+def _measured_section() -> list[str]:
+    """The committed kvprof lengths measurements and when a replay applies them."""
+    import numpy as np
+
+    from kvsim.cost.profiled import length_profiles
+
+    import os
+
+    from kvsim.engine.output_length import model_key
+
+    out = []
+    for path, prof in length_profiles():
+        rel = os.path.relpath(path)
+        shown = rel if not rel.startswith("..") else str(path)
+        out.append(f"Measured output lengths, {path.name} (kvprof lengths on {prof.model}); a replay applies them to "
+                   f"{model_key(prof.model)} (same family and size) or, asked with --lengths {shown}, to any model:")
+        for spec, entry in sorted((prof.lengths or {}).items()):
+            x = np.asarray(entry.get("ratios") or [1.0])
+            out.append(f"  {spec:<48} n {len(x):>4}  mean x{x.mean():.2f}  p99 x{np.percentile(x, 99):.2f}  "
+                       f"max x{x.max():.2f}  over x2: {int((x > 2).sum())}  over x5: {int((x > 5).sum())}")
+        out += ["  (the tail comes from a 135M model's repetition loops against short full-cache answers: "
+                "docs/lengths.md)", ""]
+    out.append("Every compressed length is cut at the request's max_tokens (when the trace has it) and at "
+               "max_model_len - prompt; summary.json counts the cut ones (num_output_length_capped).")
+    return out
 
 
 __all__ = ["format_methods"]

@@ -66,6 +66,7 @@ class Recorder:
         self.prompt_tokens = 0
         self.trace_output_tokens = 0
         self.first_arrival_s: float | None = None
+        self.last_arrival_s = 0.0
         self.last_finish_s = 0.0
         self.num_steps = 0
         self.num_preemptions = 0
@@ -81,8 +82,10 @@ class Recorder:
     # -- arrivals and rejections -------------------------------------------------------------------
     def arrival(self, arrival_time_s: float | None) -> None:
         self.num_arrivals += 1
-        if arrival_time_s is not None and self.first_arrival_s is None:
-            self.first_arrival_s = arrival_time_s
+        if arrival_time_s is not None:
+            if self.first_arrival_s is None:
+                self.first_arrival_s = arrival_time_s
+            self.last_arrival_s = arrival_time_s
 
     def reject(self, request_id: str, arrival_time_s, prompt_tokens, output_tokens, reason: str, replica: int = -1) -> None:
         self.rejected[reason] += 1

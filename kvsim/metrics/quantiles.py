@@ -17,7 +17,7 @@ _FLUSH = 1 << 16
 
 
 class Quantiles:
-    __slots__ = ("_bv", "_bw", "_v", "_w", "_hist", "_limit", "_rel", "_count", "_total", "_min", "_max")
+    __slots__ = ("_bv", "_bw", "_v", "_w", "_hist", "_limit", "_rel", "_count", "_total", "_min", "_max", "_m2")
 
     def __init__(self, exact_limit: int = 200_000, rel_width: float = 1e-4):
         self._bv: list[float] = []
@@ -31,6 +31,8 @@ class Quantiles:
         self._total = 0.0
         self._min = math.inf
         self._max = -math.inf
+        #: sum of squared deviations from the mean (for the standard deviation, merged batch by batch)
+        self._m2 = 0.0
 
     def add(self, value: float, weight: int = 1) -> None:
         self._bv.append(value)
@@ -50,10 +52,21 @@ class Quantiles:
         v = np.asarray(self._bv, dtype=float)
         w = np.asarray(self._bw, dtype=np.int64)
         self._bv, self._bw = [], []
-        self._count += int(w.sum())
+        n_b = int(w.sum())
         # numpy's own (pairwise) sum, not np.dot: BLAS splits a long dot product over threads, so the
         # last bits depend on the machine's thread count, and its idle workers spin on a CPU core
-        self._total += float((v * w).sum())
+        t_b = float((v * w).sum())
+        mean_b = t_b / n_b
+        m2_b = float((w * (v - mean_b) ** 2).sum())
+        n_a = self._count
+        if n_a:
+            # Chan et al.'s pairwise update: no cancellation from a running sum of squares
+            d = mean_b - self._total / n_a
+            self._m2 += m2_b + d * d * n_a * n_b / (n_a + n_b)
+        else:
+            self._m2 = m2_b
+        self._count = n_a + n_b
+        self._total += t_b
         self._min = min(self._min, float(v.min()))
         self._max = max(self._max, float(v.max()))
         if self._hist is None:
@@ -107,9 +120,12 @@ class Quantiles:
     def summary(self, scale: float = 1.0) -> dict:
         self._flush()
         if self._count == 0:
-            return {"mean": None, "median": None, "p90": None, "p99": None, "min": None, "max": None, "count": 0}
+            return {"mean": None, "median": None, "p90": None, "p99": None, "min": None, "max": None, "std": None,
+                    "count": 0}
         return {
             "mean": self._total / self._count * scale,
+            # population standard deviation (numpy's np.std, as vLLM's benchmark reports std_*_ms)
+            "std": math.sqrt(max(0.0, self._m2 / self._count)) * scale,
             "median": self.percentile(50) * scale,
             "p90": self.percentile(90) * scale,
             "p99": self.percentile(99) * scale,

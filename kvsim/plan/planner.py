@@ -24,6 +24,7 @@ as long as the traffic lasts.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import dataclasses
 import json
@@ -254,6 +255,8 @@ class Planner:
             raise ConfigError(f"plan: trace {trace!r} has no requests")
         self._cache: dict[tuple, Evaluation] = {}
         self.log: list[Evaluation] = []
+        #: a tqdm bar counting replays (in-process searches only: it does not travel to worker processes)
+        self.progress = None
 
     # -- trace quantities at a rate scale --------------------------------------------------------------
     def duration_s(self, rate_scale: float | None = None) -> float:
@@ -307,6 +310,9 @@ class Planner:
         ev.wall_s = time.perf_counter() - t0
         self._cache[key] = ev
         self.log.append(ev)
+        if self.progress is not None:
+            self.progress.set_postfix_str(f"{meth} tp{tensor_parallel_size} x{num_replicas} at x{rs:g}", refresh=False)
+            self.progress.update(1)
         return ev
 
     # -- fewest replicas --------------------------------------------------------------------------------
@@ -452,15 +458,20 @@ def _rate_task(args):
     return planner.max_rate(method, tp, nr, rel_tol), planner.log
 
 
-def _map(fn, tasks, jobs: int):
+def _map(fn, tasks, jobs: int, bar=None):
     if jobs <= 1 or len(tasks) <= 1:
-        return [fn(t) for t in tasks]
+        return [fn(t) for t in tasks]  # the planner's own bar counts the replays
     from concurrent.futures import ProcessPoolExecutor
 
     from kvsim.plan.sweep import mp_context
 
+    out = []
     with ProcessPoolExecutor(max_workers=min(jobs, len(tasks)), mp_context=mp_context()) as ex:
-        return list(ex.map(fn, tasks))
+        for r in ex.map(fn, tasks):
+            out.append(r)
+            if bar is not None:
+                bar.update(len(r[1]))  # the replays that search ran
+    return out
 
 
 @dataclass
@@ -485,11 +496,12 @@ def plan_capacity(trace, slo, methods=("none",), model="llama-3.1-8b", hardware=
                   limit: int | None = None, max_replicas: int = 64, max_rate: bool = False,
                   max_rate_config: tuple[int, int] | None = None, rate_tol: float = 0.02, check_above: bool = False,
                   profile=None, auto_profile: bool = True, fmt=None, skip_invalid: bool = False, jobs: int = 1,
-                  out_dir=None) -> PlanResult:
+                  out_dir=None, progress: bool = False) -> PlanResult:
     """Per method, the fewest GPUs (replicas x TP from ``tensor_parallel_sizes``) meeting ``slo``.
 
     With ``max_rate``, also the highest rate each method's planned configuration sustains (or the fixed
     ``max_rate_config = (replicas, tp)``). Writes plan.csv / plan.md / plan.json when ``out_dir`` is given.
+    ``progress``: a bar on stderr counting replays (off when stderr is not a terminal).
     """
     from kvsim.methods import parse_method
 
@@ -497,9 +509,17 @@ def plan_capacity(trace, slo, methods=("none",), model="llama-3.1-8b", hardware=
     planner = Planner(trace, slo, model, hardware, config, profile, auto_profile, fmt, skip_invalid, limit, rate_scale)
     tps = sorted({int(t) for t in tensor_parallel_sizes})
     tasks = [(planner, m, tp, max_replicas, check_above) for m in specs for tp in tps]
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        # the number of replays a bisection needs is not known in advance: a count and a rate
+        bar = tqdm(unit="replay", desc="plan", file=sys.stderr, mininterval=0.5, disable=None)
+        if jobs <= 1 or len(tasks) <= 1:
+            planner.progress = bar
     evals: list[Evaluation] = []
     candidates = []
-    for row, log in _map(_search_task, tasks, jobs):
+    for row, log in _map(_search_task, tasks, jobs, bar):
         candidates.append(row)
         if jobs > 1:
             evals.extend(log)
@@ -518,7 +538,9 @@ def plan_capacity(trace, slo, methods=("none",), model="llama-3.1-8b", hardware=
             rtasks.append((planner, r["method"], tp, nr, rate_tol))
             idx.append(i)
         n_before = len(planner.log)
-        for i, (rr, log) in zip(idx, _map(_rate_task, rtasks, jobs)):
+        if bar is not None and (jobs <= 1 or len(rtasks) <= 1):
+            planner.progress = bar
+        for i, (rr, log) in zip(idx, _map(_rate_task, rtasks, jobs, bar)):
             rows[i]["max_rate_scale"] = rr.max_rate_scale
             rows[i]["max_request_rate"] = rr.max_request_rate
             rows[i]["max_rate_config"] = f"{rr.num_replicas}x{rr.tensor_parallel_size}"
@@ -528,10 +550,13 @@ def plan_capacity(trace, slo, methods=("none",), model="llama-3.1-8b", hardware=
                 evals.extend(log)
         if jobs <= 1:
             evals.extend(planner.log[n_before:])
+    planner.progress = None
+    if bar is not None:
+        bar.close()
     result = PlanResult(rows, candidates, evals, planner.info, planner.terms)
     if out_dir is not None:
         write_plan(result, out_dir, {"trace": str(trace) if isinstance(trace, (str, Path)) else "<requests>",
-                                     "model": model, "hardware": hardware, "rate_scale": rate_scale, "limit": limit,
+                                     "model": getattr(model, "name", model), "hardware": hardware, "rate_scale": rate_scale, "limit": limit,
                                      "tensor_parallel_sizes": tps, "max_replicas": max_replicas})
     return result
 
@@ -593,12 +618,15 @@ def add_plan_parser(sub) -> None:
 
     p = sub.add_parser("plan", help="fewest GPUs per method that meet an SLO at the trace's rate (bisection search)",
                        description=__doc__.split("\n\n")[0])
-    p.add_argument("--trace", required=True, help="trace file (kvsim JSONL, Azure CSV or Mooncake JSONL)")
+    cli.add_trace_arg(p, optional=True)
+    # the trace was an option before every command took it as the first argument; old scripts still work
+    p.add_argument("--trace", dest="trace_option", default=None, help=argparse.SUPPRESS)
     p.add_argument("--slo", required=True, help="metric:stat=limit list, e.g. ttft_ms:p99=2000,tpot_ms:p99=100 "
                    "(metrics ttft_ms tpot_ms itl_ms e2el_ms; stats mean p50 p90 p99 max)")
-    p.add_argument("--methods", default="none", help="comma-separated method specs, e.g. none,fp8,kivi:bits=2,h2o:budget=512")
-    p.add_argument("--model", default="llama-3.1-8b")
-    p.add_argument("--hardware", default="h100")
+    p.add_argument("--methods", default=None, help="comma-separated method specs, e.g. none,fp8,kivi:bits=2,h2o:budget=512 "
+                   "(default: the --config file's method, else none)")
+    p.add_argument("--model", default=None, help="shipped short name, Hugging Face id or config.json path (default: llama-3.1-8b)")
+    p.add_argument("--hardware", default=None, help="GPU name, `kvsim hardware` (default: h100)")
     p.add_argument("--tp", default=None, help="tensor-parallel degrees to consider, e.g. 1,2,4 "
                    "(default: --tensor-parallel-size, else 1)")
     p.add_argument("--rate-scale", type=float, default=1.0, help="plan for the trace's rate times this")
@@ -610,11 +638,12 @@ def add_plan_parser(sub) -> None:
                    help="with --max-rate: search the rate of this fixed configuration instead (e.g. 2x1)")
     p.add_argument("--rate-tol", type=float, default=0.02, help="relative tolerance of the rate search")
     p.add_argument("--jobs", type=int, default=1, help="worker processes (one search per method x TP)")
-    p.add_argument("--profile", default=None)
-    p.add_argument("--no-profile", action="store_true")
-    p.add_argument("--format", dest="fmt", default=None)
-    p.add_argument("--skip-invalid", action="store_true")
+    p.add_argument("--profile", default=None, help="profile JSON (default: a committed one matching model x hardware x TP)")
+    p.add_argument("--no-profile", action="store_true", help="use the roofline even when a profile exists")
+    p.add_argument("--format", dest="fmt", default=None, help="trace format: kvsim | azure | mooncake (default: detected)")
+    p.add_argument("--skip-invalid", action="store_true", help="reject malformed trace lines instead of stopping")
     p.add_argument("--out", default="out/plan", help="writes plan.csv, plan.md, plan_candidates.csv, plan.json")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     cli.add_engine_args(p)
     p.set_defaults(func=_cmd_plan)
 
@@ -622,6 +651,12 @@ def add_plan_parser(sub) -> None:
 def _cmd_plan(args) -> int:
     from kvsim import cli
 
+    if args.trace_option is not None:
+        if args.trace is not None and args.trace != args.trace_option:
+            raise ConfigError(f"plan: two traces given ({args.trace!r} and --trace {args.trace_option!r})")
+        args.trace = args.trace_option
+    if args.trace is None:
+        raise ConfigError("plan: give the trace as the first argument: kvsim plan TRACE --slo ...")
     cfg = cli.engine_config(args)
     if args.tp:
         try:
@@ -638,10 +673,10 @@ def _cmd_plan(args) -> int:
         except ValueError:
             raise ConfigError(f"--max-rate-config {args.max_rate_config!r}: expected REPLICASxTP, e.g. 2x1") from None
     t0 = time.perf_counter()
-    res = plan_capacity(args.trace, args.slo, _method_specs(args.methods), args.model, args.hardware, tps, cfg,
-                        args.rate_scale, args.limit, args.max_replicas, args.max_rate or mrc is not None, mrc,
+    res = plan_capacity(args.trace, args.slo, _method_specs(args.methods or "none"), cli.model_arg(args), args.hardware, tps,
+                        cfg, args.rate_scale, args.limit, args.max_replicas, args.max_rate or mrc is not None, mrc,
                         args.rate_tol, args.check_above, args.profile, not args.no_profile, args.fmt,
-                        args.skip_invalid, args.jobs, args.out)
+                        args.skip_invalid, args.jobs, args.out, progress=not args.quiet)
     info = res.trace
     rate = info.request_rate
     print(f"kvsim plan: {args.model} on {args.hardware}, trace {args.trace}: {info.count} requests over "

@@ -437,7 +437,8 @@ def add_sweep_parser(sub) -> None:
                        description=__doc__.split("\n\n")[0])
     p.add_argument("grid", help="grid.yaml (see examples/grid.yaml)")
     p.add_argument("--out", required=True, help="results directory: cells.jsonl, results.csv, results.parquet")
-    p.add_argument("--executor", choices=["local", "ray"], default="local")
+    p.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="local: worker processes on this machine; ray: a Ray cluster")
     p.add_argument("--jobs", type=int, default=None, help="local worker processes (default: CPU count); 1 runs in-process")
     p.add_argument("--ray-address", default=None, help="Ray cluster address (default: running cluster, else a local one)")
     p.add_argument("--retry-failed", action="store_true", help="rerun cells that errored before")

@@ -100,7 +100,7 @@ def load_hardware(name: str) -> HardwareSpec:
     key = _key(name)
     key = aliases.get(key, key)
     if key not in table:
-        raise UnknownNameError("hardware", name, table)
+        raise UnknownNameError("hardware", name, table, "`kvsim hardware` lists them with their figures and sources")
     e = table[key]
     where = f"specs/data/hardware.yaml: {key}"
     if not isinstance(e, dict):

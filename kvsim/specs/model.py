@@ -190,8 +190,72 @@ class ModelSpec:
         )
 
 
+#: the Hugging Face repository each shipped config.json comes from (provenance: specs/data/README.md)
+UPSTREAM = {
+    "llama-2-7b": "meta-llama/Llama-2-7b-hf",
+    "llama-2-13b": "meta-llama/Llama-2-13b-hf",
+    "llama-3-8b": "meta-llama/Meta-Llama-3-8B",
+    "llama-3.1-8b": "meta-llama/Llama-3.1-8B",
+    "llama-3.1-70b": "meta-llama/Llama-3.1-70B",
+    "mistral-7b-v0.1": "mistralai/Mistral-7B-v0.1",
+    "mixtral-8x7b": "mistralai/Mixtral-8x7B-v0.1",
+    "qwen2.5-7b": "Qwen/Qwen2.5-7B",
+    "qwen3-32b": "Qwen/Qwen3-32B",
+    "qwen3-30b-a3b": "Qwen/Qwen3-30B-A3B-Instruct-2507",
+    "smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
+}
+#: shipped configs assembled rather than copied (specs/data/README.md says from what)
+RECONSTRUCTED = {"llama-3.1-70b", "qwen3-30b-a3b"}
+#: Hugging Face ids (lower case) -> shipped short name: the upstream repository and the variants with the
+#: same architecture (Instruct / base; the fields that differ, e.g. eos_token_id, do not enter kvsim)
+HF_MODELS = {
+    **{hf.lower(): name for name, hf in UPSTREAM.items()},
+    "meta-llama/llama-3.1-8b-instruct": "llama-3.1-8b",
+    "meta-llama/meta-llama-3.1-8b": "llama-3.1-8b",
+    "meta-llama/meta-llama-3.1-8b-instruct": "llama-3.1-8b",
+    "meta-llama/llama-3.1-70b-instruct": "llama-3.1-70b",
+    "meta-llama/meta-llama-3.1-70b": "llama-3.1-70b",
+    "meta-llama/meta-llama-3-8b-instruct": "llama-3-8b",
+    "meta-llama/llama-2-7b-chat-hf": "llama-2-7b",
+    "meta-llama/llama-2-13b-chat-hf": "llama-2-13b",
+    "qwen/qwen3-30b-a3b": "qwen3-30b-a3b",
+    "qwen/qwen2.5-7b-instruct": "qwen2.5-7b",
+    "mistralai/mixtral-8x7b-instruct-v0.1": "mixtral-8x7b",
+    "huggingfacetb/smollm2-135m": "smollm2-135m",
+}
+#: vLLM's ``--dtype`` values -> the weight dtype kvsim models ("auto": the checkpoint's torch_dtype)
+DTYPES = {"auto": None, "bfloat16": "bfloat16", "float16": "float16", "half": "float16"}
+
+
 def _data_dir():
     return resources.files("kvsim.specs").joinpath("data/models")
+
+
+def hf_model_name(name: str) -> str | None:
+    """The shipped short name for a Hugging Face id (case-insensitive), else None."""
+    return HF_MODELS.get(str(name).strip().lower())
+
+
+def apply_dtype(model: ModelSpec, dtype: str | None, source: str = "dtype") -> ModelSpec:
+    """The model with vLLM's ``--dtype`` applied (weights and, with kv_cache_dtype auto, the KV cache).
+
+    kvsim's cost model covers 16-bit weights (tensor-core fp16/bf16 peaks, 2-byte traffic), so
+    ``float32`` is refused rather than run as something else."""
+    if dtype is None:
+        return model
+    key = str(dtype).strip().lower()
+    if key not in DTYPES:
+        why = ("kvsim models 16-bit weights only (its GPU figures are fp16/bf16 tensor-core peaks)"
+               if key in ("float32", "float") else "unknown dtype")
+        raise ConfigError(f"{source}: dtype {dtype!r}: {why}; use one of {', '.join(DTYPES)}")
+    want = DTYPES[key]
+    if want is None or want == model.dtype:
+        return model
+    if model.dtype_bytes != 2:
+        raise ConfigError(f"{source}: dtype {dtype!r}: the checkpoint of {model.name} is {model.dtype}")
+    import dataclasses
+
+    return dataclasses.replace(model, dtype=want)
 
 
 def known_models() -> list[str]:
@@ -199,7 +263,8 @@ def known_models() -> list[str]:
 
 
 def load_model(name_or_path: str) -> ModelSpec:
-    """A shipped short name (``llama-3.1-8b``) or a path to any Hugging Face config.json."""
+    """A shipped short name (``llama-3.1-8b``), a Hugging Face id of a shipped model
+    (``meta-llama/Llama-3.1-8B-Instruct``, see ``HF_MODELS``) or a path to any Hugging Face config.json."""
     p = Path(name_or_path)
     if p.suffix == ".json" or p.exists():
         if p.is_dir():
@@ -214,7 +279,9 @@ def load_model(name_or_path: str) -> ModelSpec:
         name = p.parent.name if p.name == "config.json" and p.parent.name else p.stem
         return ModelSpec.from_hf_config(cfg, name=name, source=str(p))
     key = str(name_or_path).strip().lower()
+    key = HF_MODELS.get(key, key)
     if key not in known_models():
-        raise UnknownNameError("model", str(name_or_path), known_models())
+        raise UnknownNameError("model", str(name_or_path), known_models(),
+                               "or a Hugging Face id of one (`kvsim models` lists them), or a path to a config.json")
     f = _data_dir().joinpath(f"{key}.json")
     return ModelSpec.from_hf_config(json.loads(f.read_text()), name=key, source=str(f))

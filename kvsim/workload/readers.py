@@ -130,7 +130,7 @@ def detect_format(path) -> str | None:
         "<line>",
         f"cannot detect the trace format from {shown!r}: expected a CSV header with TIMESTAMP (azure), "
         f"or JSON lines with prompt_tokens (kvsim) or input_length (mooncake); "
-        f"pass fmt= one of {', '.join(FORMATS)}",
+        f"pass --format (fmt= in the Python API) one of {', '.join(FORMATS)}",
         "unknown_format",
     )
 
@@ -229,7 +229,12 @@ def _parse_kvsim(d: dict, lineno: int, source) -> Request:
     hashes = d.get("prefix_hashes")
     if hashes is not None:
         hashes = _hashes(hashes, "prefix_hashes", p, block, t)
-    return Request(rid, t, p, o, hashes, block, source)
+    mt = d.get("max_tokens")
+    if mt is not None:
+        mt = _pos_int(d, "max_tokens", t)
+        if o > mt:
+            raise _Bad("output_tokens", f"{o} tokens is more than the request's max_tokens={mt}", "over_max_tokens", t)
+    return Request(rid, t, p, o, hashes, block, source, mt)
 
 
 def _parse_mooncake(d: dict, lineno: int, source) -> Request:
@@ -534,6 +539,11 @@ def write_trace(requests: Iterable[Request | InvalidRecord], path) -> int:
                 f'{{"request_id": {dumps(rid)}, "arrival_time_s": {float(t)!r}, '
                 f'"prompt_tokens": {p}, "output_tokens": {o}'
             )
+            mt = r.max_tokens
+            if mt is not None:
+                if type(mt) is not int or mt < o:
+                    raise ValueError(f"request {rid!r}: max_tokens must be an integer >= output_tokens, got {mt!r}")
+                line += f', "max_tokens": {mt}'
             block = r.hash_block_tokens
             if block != KVSIM_HASH_BLOCK_TOKENS:
                 if type(block) is not int or block <= 0:

@@ -17,6 +17,9 @@ class Request:
     hash_block_tokens: int = 16
     #: where the request came from, for error messages: (path, 1-based line)
     source: tuple[str, int] | None = None
+    #: the request's own limit on generated tokens (OpenAI/vLLM ``max_tokens``), when the trace has it:
+    #: a method that lengthens answers cannot go past it
+    max_tokens: int | None = None
 
 
 @dataclass(slots=True)

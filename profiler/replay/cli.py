@@ -1,5 +1,11 @@
 """``kvprof replay TRACE --model M --method X --out DIR``: serve a trace on a real engine, write a measured case.
 
+What it validates: the engine is scheduled by kvsim's own scheduler and KV-cache manager (the same
+Python objects), so a case checks kvsim's *cost model* (step times of real batches on a real GPU) and
+the memory model, not the scheduling policy; the scheduler is checked against vLLM's own runs
+(``shared/validation``). It needs a CUDA GPU for the full-size models: the weights alone of an 8B model
+are 16 GB in bf16 (32 GB in the CPU's float32); on a CPU use ``--tiny`` (a 2-layer model for tests).
+
 DIR gets the measured-case format of ``shared/validation`` (so ``kvsim validate DIR`` replays it):
 ``run.yaml`` (vLLM option names + descriptive keys), ``workload.jsonl`` (the requests served, kvsim
 trace format), ``measured.csv``, ``steps.csv``; plus ``requests.csv`` in kvsim's own schema,
@@ -33,7 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="kvprof replay",
         description="Serve a trace's requests on a real engine (random-weight Llama, paged KV cache, kvsim's "
-                    "scheduler) and record every request and step as a measured validation case.")
+                    "scheduler) and record every request and step as a measured validation case for `kvsim "
+                    "validate`. kvsim's scheduler drives it, so a case checks kvsim's cost and memory model (real "
+                    "step times of the batches kvsim schedules), not the scheduler. Needs a CUDA GPU for full-size "
+                    "models (an 8B model's weights are 16 GB in bf16, 32 GB in float32 on a CPU); --tiny runs on a CPU.")
     p.add_argument("trace", help="trace file (kvsim JSONL, Azure CSV or Mooncake JSONL)")
     p.add_argument("--out", required=True, help="output directory (the case folder)")
     p.add_argument("--model", default="llama-3.1-8b", help="kvsim short name or path to a config.json (dense Llama-architecture)")
@@ -81,6 +90,45 @@ def _engine_config(args, spec, device_memory: int):
     if cfg.max_num_batched_tokens is None:  # no chunked prefill: vLLM uses max(max_model_len, 2048)
         cfg = dataclasses.replace(cfg, max_num_batched_tokens=max(cfg.max_model_len, 2048))
     return cfg
+
+
+def available_cpu_bytes() -> int | None:
+    """Memory a new allocation can get without swapping (Linux MemAvailable), else None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_memory(spec, device, device_memory: int, args, explicit_device: bool = False) -> None:
+    """Refuse, before anything is allocated, a run whose weights cannot fit where they would go, saying what
+    it needs (the random-weight model is built in full before the first step)."""
+    from kvsim.errors import KvsimError
+
+    weights = spec.weight_bytes()
+    gb = lambda b: f"{b / 1e9:.1f} GB"  # noqa: E731
+    if device.type == "cuda":
+        if weights > 0.95 * device_memory:
+            raise KvsimError(f"{spec.name} in {spec.dtype} needs {gb(weights)} for its weights alone; this GPU has "
+                             f"{gb(device_memory)}. Use a bigger GPU, a smaller --model, or --tiny")
+        return
+    kv = int(args.cpu_kv_gib * 2**30) if args.num_gpu_blocks_override is None else 0
+    need = weights + kv
+    avail = available_cpu_bytes()
+    where = ("on the CPU (--device cpu)" if explicit_device else
+             "on the CPU: no CUDA device was found, and kvprof replay measures a GPU")
+    if avail is not None and need > 0.8 * avail:
+        raise KvsimError(
+            f"{spec.name} {where} needs {gb(weights)} for its {spec.dtype} weights + {gb(kv)} of KV cache, and this "
+            f"machine has {gb(avail)} available. Run it on a CUDA GPU (--device cuda), or use --tiny (a 2-layer "
+            "model for CPU tests) or a small --model config")
+    if not explicit_device and not args.tiny:
+        print(f"kvprof replay: no CUDA device: running {spec.name} {where}; the case measures this CPU "
+              f"({gb(need)} of memory)", file=sys.stderr)
 
 
 def load_requests(trace, fmt=None, rate_scale=1.0, limit=None):
@@ -229,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         mcfg, spec = load_config(args.model, args.tiny)
         spec = dataclasses.replace(spec, dtype=dname)
         dev_mem = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else 0
+        check_memory(spec, device, dev_mem, args, explicit_device=args.device is not None)
         cfg = _engine_config(args, spec, dev_mem)
         method = store_method(resolve_method(args.method, cfg), args.method)
         store_cls = store_class(method)
@@ -364,7 +413,8 @@ def write_case(out: Path, eng, mcfg, spec, meta: dict, tiny: bool = False) -> di
     model_value = meta["model"]
     if tiny or model_value is None:
         (out / "model_config.json").write_text(json.dumps(mcfg.raw, indent=2) + "\n")
-        model_value = str((out / "model_config.json").resolve())
+        # relative to run.yaml (kvsim validate resolves it there), so the case folder can move
+        model_value = "model_config.json"
     run = {
         "case_id": meta["case_id"],
         "engine": "kvprof-replay",
