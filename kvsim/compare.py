@@ -33,7 +33,8 @@ def compare(trace, methods, out_dir, progress: bool = True, **replay_kw) -> list
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    spec_kw = {k: replay_kw.pop(k) for k in ("model", "hardware", "config", "profile", "slo", "auto_profile") if k in replay_kw}
+    spec_kw = {k: replay_kw.pop(k) for k in ("model", "hardware", "config", "profile", "slo", "auto_profile",
+                                            "allow_profile_mismatch") if k in replay_kw}
     rows = []
     for m in methods:
         meth = parse_method(m) if not hasattr(m, "spec_string") else m
@@ -165,7 +166,7 @@ def _cmd_compare(args) -> int:
     rows = compare(args.trace, methods, args.out, progress=not args.quiet, model=args.model, hardware=args.hardware,
                    config=cli.engine_config(args), profile=args.profile, slo=cli.parse_slo(args.slo),
                    auto_profile=not args.no_profile, fmt=args.fmt, skip_invalid=args.skip_invalid,
-                   rate_scale=args.rate_scale, limit=args.limit)
+                   rate_scale=args.rate_scale, limit=args.limit, allow_profile_mismatch=args.allow_profile_mismatch)
     print(Path(args.out, "compare.md").read_text())
     print(f"wrote {args.out}/compare.csv, compare.md, compare.png and one replay folder per method ({len(rows)})")
     return 0
