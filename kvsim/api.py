@@ -12,9 +12,11 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import sys
 import time
 import tracemalloc
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -30,7 +32,7 @@ from kvsim.engine.output_length import LengthSampler
 from kvsim.engine.replica import Replica
 from kvsim.engine.scheduler import PrefillFirstScheduler, Scheduler
 from kvsim.engine.sim import Simulation
-from kvsim.errors import ConfigError
+from kvsim.errors import ConfigError, KvsimError
 from kvsim.methods import parse_method
 from kvsim.methods.base import LengthRatio, Method
 from kvsim.metrics.collector import SLO, Recorder
@@ -69,20 +71,67 @@ def resolve_method(method, config: EngineConfig) -> Method:
     return m
 
 
+class ProfileMismatchWarning(UserWarning):
+    """A profile of another model, GPU or TP used on purpose (``allow_profile_mismatch=True``)."""
+
+
+def check_parallel_shape(model: ModelSpec, cfg: EngineConfig) -> None:
+    """vLLM's rule: tensor parallelism splits whole attention heads, and KV heads are either split evenly or
+    each replicated on a whole number of ranks."""
+    tp, heads, kv = cfg.tensor_parallel_size, model.num_attention_heads, model.num_kv_heads
+    if heads % tp:
+        raise ConfigError(f"tensor_parallel_size={tp}: the {heads} attention heads of {model.name} are not divisible "
+                          f"by it (vLLM refuses the same); use a divisor of {heads}")
+    if kv % tp and tp % kv:
+        raise ConfigError(f"tensor_parallel_size={tp}: the {kv} KV heads of {model.name} can be neither split evenly "
+                          f"nor replicated evenly across {tp} ranks (vLLM refuses the same)")
+
+
+def profile_mismatch(prof, model: ModelSpec, hw: HardwareSpec, tp: int) -> str | None:
+    """What differs between a profile and the run it is used for (model, hardware, TP), or None."""
+    from kvsim.specs.hardware import _key
+
+    diffs = []
+    if str(prof.model).strip().lower() != model.name.strip().lower():
+        diffs.append(f"model {prof.model!r} (run: {model.name!r})")
+    if _key(prof.hardware) != _key(hw.name):
+        try:
+            same = load_hardware(prof.hardware).name == hw.name
+        except KvsimError:
+            same = False
+        if not same:
+            diffs.append(f"hardware {prof.hardware!r} (run: {hw.name!r})")
+    if prof.tensor_parallel_size != tp:
+        diffs.append(f"tensor_parallel_size {prof.tensor_parallel_size} (run: {tp})")
+    return ", ".join(diffs) or None
+
+
 def make_spec(model="llama-3.1-8b", hardware="h100", method=None, config: EngineConfig | None = None,
               profile=None, slo: SLO | None = None, auto_profile: bool = True, lengths="auto",
-              engine: str | None = None) -> RunSpec:
+              engine: str | None = None, allow_profile_mismatch: bool = False) -> RunSpec:
+    """``allow_profile_mismatch``: use a profile measured for another model, GPU or TP anyway (a warning
+    instead of the error), e.g. a close sibling model when none of its own exists. ``engine``: a fitted
+    engine's step model instead of vLLM's (kvsim.cost.engines)."""
     mspec = model if isinstance(model, ModelSpec) else load_model(model)
     hw = hardware if isinstance(hardware, HardwareSpec) else load_hardware(hardware)
     cfg = config or EngineConfig()
     if cfg.max_model_len is None:
         cfg = dataclasses.replace(cfg, max_model_len=mspec.max_position_embeddings)
     cfg = cfg.validate().resolved(hw.memory_bytes)
+    check_parallel_shape(mspec, cfg)
     meth = resolve_method(method, cfg)
     prof = None
     if profile is not None:
         from kvsim.cost.profile import load_profile
         prof = profile if not isinstance(profile, (str, Path)) else load_profile(profile)
+        # a profile without kernel tables (kvprof lengths) only supplies output lengths, from any model
+        diff = profile_mismatch(prof, mspec, hw, cfg.tensor_parallel_size) if prof.tables else None
+        if diff:
+            msg = (f"profile {prof.path} was measured for another setup: {diff}; its kernel times would be "
+                   "applied to the wrong shapes")
+            if not allow_profile_mismatch:
+                raise ConfigError(msg + " (pass --allow-profile-mismatch to use it anyway)")
+            warnings.warn(msg, ProfileMismatchWarning, stacklevel=2)
     elif auto_profile:
         from kvsim.cost.profiled import find_profile
         prof = find_profile(mspec.name, hw.name, cfg.tensor_parallel_size)
@@ -119,11 +168,7 @@ def build_replicas(spec: RunSpec, recorder: Recorder, fast_forward: bool = True)
     cfg = spec.config
     num_blocks = num_kv_blocks(spec.model, spec.hardware, cfg, spec.method)
     if num_blocks < 1:
-        cap = kv_capacity_bytes(spec.model, spec.hardware, cfg)
-        raise ConfigError(
-            f"model {spec.model.name} does not fit on {spec.hardware.name} with tensor_parallel_size="
-            f"{cfg.tensor_parallel_size}: KV capacity would be {cap / 1e9:.2f} GB; raise tensor_parallel_size or "
-            "gpu_memory_utilization")
+        raise ConfigError(does_not_fit_message(spec))
     replicas = []
     n = cfg.num_replicas * cfg.data_parallel_size
     # MoE with expert parallelism across DP ranks: each replica's ranks step together (sim.py lockstep
@@ -142,6 +187,34 @@ def build_replicas(spec: RunSpec, recorder: Recorder, fast_forward: bool = True)
             r.lockstep_group = i // cfg.data_parallel_size
         replicas.append(r)
     return replicas
+
+
+def does_not_fit_message(spec: RunSpec) -> str:
+    """Why no KV block fits, with the memory budget spelled out and the fix that addresses the largest
+    cause: the weights (more GPUs) or the activation reserve of the step's token budget."""
+    from kvsim.engine.memory import FIXED_RESERVE_BYTES, activation_reserve_bytes
+
+    cfg, model, hw = spec.config, spec.model, spec.hardware
+    ep = cfg.data_parallel_size * cfg.tensor_parallel_size if cfg.enable_expert_parallel else 1
+    weights = model.weight_bytes(cfg.tensor_parallel_size, max(1, ep // cfg.tensor_parallel_size))
+    budget = cfg.gpu_memory_utilization * hw.memory_bytes
+    reserve = (cfg.activation_reserve_bytes if cfg.activation_reserve_bytes is not None
+               else activation_reserve_bytes(model, cfg))
+    cap = kv_capacity_bytes(model, hw, cfg)
+    head = (f"model {model.name} does not fit on {hw.name} with tensor_parallel_size={cfg.tensor_parallel_size}: "
+            f"no room for a KV block: gpu_memory_utilization={cfg.gpu_memory_utilization} x "
+            f"{hw.memory_bytes / 1e9:.1f} GB = {budget / 1e9:.2f} GB, minus weights {weights / 1e9:.2f} GB, minus "
+            f"the activation reserve {reserve / 1e9:.2f} GB for max_num_batched_tokens={cfg.max_num_batched_tokens} "
+            f"and max_num_seqs={cfg.max_num_seqs}, leaves {cap / 1e9:.2f} GB")
+    if weights + FIXED_RESERVE_BYTES < budget and cfg.activation_reserve_bytes is None:
+        # the weights fit: the step's token budget is what eats the memory
+        unchunked = not cfg.enable_chunked_prefill or cfg.scheduler == "prefill-first"
+        why = (" (without chunked prefill it defaults to max_model_len; lower max_model_len, or enable "
+               "chunked prefill)" if unchunked else "")
+        return head + f"; lower max_num_batched_tokens{why}"
+    if weights >= hw.memory_bytes:
+        return head + "; raise tensor_parallel_size (the weights alone exceed the GPU's memory)"
+    return head + "; raise tensor_parallel_size or gpu_memory_utilization"
 
 
 def lockstep_dp(spec: RunSpec) -> bool:
@@ -169,17 +242,25 @@ def open_trace(trace, fmt=None, skip_invalid=False, max_model_len=None, rate_sca
     """A path (any supported format) or an iterable of Requests -> a stream of Request/InvalidRecord."""
     from kvsim.workload import readers
 
+    check_stream_options(rate_scale, limit)
     if isinstance(trace, (str, Path)):
         stream = readers.read_trace(trace, fmt, skip_invalid=skip_invalid, max_model_len=max_model_len)
     else:
         stream = iter(trace)
     if rate_scale != 1.0:
-        if rate_scale <= 0:
-            raise ConfigError(f"rate_scale={rate_scale} must be > 0")
         stream = _scaled(stream, rate_scale)
     if limit is not None:
         stream = _limited(stream, limit)
     return stream
+
+
+def check_stream_options(rate_scale, limit) -> None:
+    """``rate_scale`` a finite number > 0 (NaN would make every arrival NaN), ``limit`` a count >= 1."""
+    if isinstance(rate_scale, bool) or not isinstance(rate_scale, (int, float)) or not (
+            math.isfinite(rate_scale) and rate_scale > 0):
+        raise ConfigError(f"rate_scale={rate_scale!r} must be a finite number > 0")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ConfigError(f"limit={limit!r} must be a positive integer (the number of requests to replay)")
 
 
 def _scaled(stream, k):
@@ -198,6 +279,10 @@ def _limited(stream, n):
         yield r
 
 
+#: the files a replay writes into its output folder
+REPLAY_OUTPUTS = ("requests.csv", "timeline.csv", "timeline.png", "vllm_result.json", "summary.json")
+
+
 def replay(trace, model="llama-3.1-8b", hardware="h100", method=None, config: EngineConfig | None = None,
            profile=None, slo: SLO | dict | None = None, out_dir=None, fmt=None, skip_invalid=False,
            progress: bool | str = False, keep_rows: bool | None = None, fast_forward: bool = True,
@@ -212,10 +297,30 @@ def replay(trace, model="llama-3.1-8b", hardware="h100", method=None, config: En
     if result_format not in RESULT_FORMATS:
         raise ConfigError(f"result_format={result_format!r}: must be one of {', '.join(RESULT_FORMATS)}")
     spec = spec or make_spec(model, hardware, method, config, profile, slo, auto_profile=auto_profile, lengths=lengths)
+    check_stream_options(rate_scale, limit)
     cfg = spec.config
     out = Path(out_dir) if out_dir is not None else None
+    if out is None:
+        return _replay(trace, spec, None, fmt, skip_invalid, progress, keep_rows, fast_forward, check_invariants,
+                       rate_scale, limit, timeline_interval_s, plot, total_hint, result_format)
+    from kvsim.outputs import StagedDir, refuse_overwriting_inputs
+
+    refuse_overwriting_inputs(out, REPLAY_OUTPUTS, [trace, getattr(spec.profile, "path", None)])
+    # written into a staging folder and moved into place at the end: a failed or killed run leaves the
+    # previous outputs untouched instead of new partial CSVs beside an old summary.json
+    staged = StagedDir(out)
+    with staged as tmp:
+        res = _replay(trace, spec, tmp, fmt, skip_invalid, progress, keep_rows, fast_forward, check_invariants,
+                      rate_scale, limit, timeline_interval_s, plot, total_hint, result_format)
+        staged.publish(REPLAY_OUTPUTS, last="summary.json")
+    res.out_dir = out
+    return res
+
+
+def _replay(trace, spec, out, fmt, skip_invalid, progress, keep_rows, fast_forward, check_invariants, rate_scale,
+            limit, timeline_interval_s, plot, total_hint, result_format="kvsim") -> ReplayResult:
+    cfg = spec.config
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
         req_f = open(out / "requests.csv", "w", newline="")
         tl_f = open(out / "timeline.csv", "w", newline="")
     else:
@@ -234,7 +339,9 @@ def replay(trace, model="llama-3.1-8b", hardware="h100", method=None, config: En
         sampler = LengthSampler(lengths, cfg.seed, cfg.max_model_len)
         sim = Simulation(replicas, make_router(cfg.router), rec, sampler, bar, check_invariants)
         wall0 = time.perf_counter()
-        stream = open_trace(trace, fmt, skip_invalid, cfg.max_model_len, rate_scale, limit)
+        # no max_model_len for the reader: an over-long prompt is a request the engine rejects
+        # (exceeds_max_model_len) and counts, as vLLM answers it with an error and serves the rest
+        stream = open_trace(trace, fmt, skip_invalid, None, rate_scale, limit)
         sim.run(stream)
         wall = time.perf_counter() - wall0
         if bar is not None:

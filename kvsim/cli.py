@@ -159,6 +159,8 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
                         "model (profiles/lengths/), else the method's published figure; published = always the "
                         "published figure; trace = the trace's lengths unchanged; PROFILE = this kvprof lengths file, "
                         "for any model. Lengths are cut at max_tokens and max_model_len (default: auto)")
+    p.add_argument("--allow-profile-mismatch", action="store_true",
+                   help="use --profile even if it was measured for another model, GPU or TP (warns)")
     p.add_argument("--format", dest="fmt", default=None, help="trace format: kvsim | azure | mooncake (default: detected)")
     p.add_argument("--skip-invalid", action="store_true", help="reject malformed trace lines with a reason instead of stopping")
     p.add_argument("--slo", default=None, help="e.g. ttft_ms=2000,tpot_ms=100 (goodput counts requests meeting all)")
@@ -174,7 +176,8 @@ def _spec(args, method):
     from kvsim import api
 
     return api.make_spec(model_arg(args), args.hardware, method, engine_config(args), args.profile,
-                         parse_slo(args.slo), auto_profile=not args.no_profile, lengths=args.lengths)
+                         parse_slo(args.slo), auto_profile=not args.no_profile, lengths=args.lengths,
+                         allow_profile_mismatch=args.allow_profile_mismatch)
 
 
 def cmd_replay(args) -> int:
@@ -222,6 +225,8 @@ def cmd_trace(args) -> int:
     if args.trace_cmd == "gen":
         from kvsim.workload import synthetic
 
+        if Path(args.out).is_dir():
+            raise KvsimError(f"--out {args.out!r} is a folder; trace gen writes one file (e.g. {args.out}/trace.jsonl)")
         lengths = synthetic.LengthStats.from_csv(args.lengths_csv) if args.lengths_csv else synthetic.FixedLengths(args.prompt_tokens, args.output_tokens)
         reqs = synthetic.synthetic_requests(args.num_requests, args.rate, seed=args.seed, arrival=args.arrival, cv=args.cv, lengths=lengths)
         readers.write_trace(reqs, args.out)
@@ -316,8 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     except KvsimError as e:
         print(f"kvsim: error: {e}", file=sys.stderr)
         return 2
-    except FileNotFoundError as e:
-        print(f"kvsim: error: {e}", file=sys.stderr)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, FileExistsError) as e:
+        # a path the user gave that cannot be used as given: an input error like the others, not a crash
+        print(f"kvsim: error: {e.filename}: {e.strerror}" if e.filename else f"kvsim: error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:
         # `kvsim ... | head`: the reader left; say nothing more (Python's recipe: stdout to devnull so the

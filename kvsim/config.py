@@ -88,13 +88,17 @@ class EngineConfig:
             bad("router", f"must be one of {ROUTERS}")
         if self.enable_expert_parallel and self.data_parallel_size * self.tensor_parallel_size < 2:
             bad("enable_expert_parallel", "needs data_parallel_size x tensor_parallel_size >= 2")
+        # prefill-first never chunks either, so it gets the same check as --no-enable-chunked-prefill
+        unchunked = not self.enable_chunked_prefill or self.scheduler == "prefill-first"
         if (self.max_num_batched_tokens is not None and self.max_model_len is not None
-                and not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len):
+                and unchunked and self.max_num_batched_tokens < self.max_model_len):
+            how = "scheduler='prefill-first'" if self.enable_chunked_prefill else "enable_chunked_prefill=False"
             bad("max_num_batched_tokens",
-                f"is smaller than max_model_len={self.max_model_len}; without chunked prefill a long "
-                "prompt could never be scheduled (vLLM raises the same error)")
-        if not isinstance(self.seed, int):
-            bad("seed", "must be an integer")
+                f"is smaller than max_model_len={self.max_model_len}; with {how} a prompt is never split, so a "
+                "long one could never be scheduled (vLLM raises the same error): raise max_num_batched_tokens "
+                "or lower max_model_len")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            bad("seed", "must be an integer >= 0 (numpy's seed range)")
         return self
 
 

@@ -151,8 +151,22 @@ def _read_measured(path: Path) -> list[dict]:
                     "queue_ms": float(r["queue_ms"]) if r.get("queue_ms") not in ("", None) else math.nan,
                 })
             except (TypeError, ValueError) as e:
-                raise ConfigError(f"{path}:{i}: bad value ({e})") from None
+                raise _measured_error(path, i, r, e) from None
     return rows
+
+
+def _measured_error(path, line: int, r: dict, e: Exception) -> ConfigError:
+    """The first field of a measured.csv row that does not convert, named with its value."""
+    for k, conv in (("arrival_time_s", float), ("prompt_tokens", int), ("output_tokens", int), ("ttft_ms", float),
+                    ("tpot_ms", float), ("e2el_ms", float), ("queue_ms", float)):
+        v = r.get(k)
+        if v in ("", None) and k in ("tpot_ms", "queue_ms"):
+            continue
+        try:
+            conv(v)
+        except (TypeError, ValueError):
+            return ConfigError(f"{path}:{line}: field '{k}': bad value {v!r}")
+    return ConfigError(f"{path}:{line}: bad value ({e})")
 
 
 def read_anchor(path: Path) -> dict | None:

@@ -90,6 +90,8 @@ def _seed_list(text: str) -> list:
     for s in (x.strip() for x in text.split(",")):
         if not s:
             continue
+        if s != "greedy" and not s.lstrip("-").isdigit():
+            raise ValueError(f"--seeds {text!r}: {s!r} is neither 'greedy' nor an integer")
         out.append("greedy" if s == "greedy" else int(s))
     return out or ["greedy"]
 
@@ -98,21 +100,38 @@ def _read_raw(path: str) -> list[dict]:
     """Records of ``path`` (``raw.jsonl``), preceded by those of ``path + '.gz'`` (a compressed, committed
     earlier part of the run) when it exists."""
     import gzip
+    import zlib
+
+    from kvsim.outputs import json_lines
 
     rows = []
     for name, opener in ((path + ".gz", gzip.open), (path, open)):
         if not os.path.exists(name):
             continue
-        with opener(name, "rt", encoding="utf-8") as fh:
-            for line in fh:
-                line = line.strip()
-                if not line:
-                    continue
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:  # a line cut by a kill: ignore, it is redone
-                    continue
+        lineno = 0
+        try:
+            with opener(name, "rb") as fh:
+                for lineno, rec in json_lines(fh, name, LengthsError, "; remove the line (it is measured again)"):
+                    if rec is None:  # a line cut by a kill: ignore, it is redone
+                        continue
+                    if not isinstance(rec, dict):
+                        raise LengthsError(f"{name}:{lineno}: a record must be a JSON object")
+                    missing = [k for k in RAW_KEYS if k not in rec]
+                    if missing:
+                        raise LengthsError(f"{name}:{lineno}: field {missing[0]!r} is missing (a record has "
+                                           f"{', '.join(RAW_KEYS)})")
+                    rows.append(rec)
+        except (OSError, EOFError, zlib.error) as e:
+            raise LengthsError(f"{name}:{lineno + 1}: cannot read ({e})") from None
     return rows
+
+
+#: the fields every raw.jsonl record has (the summary reads them)
+RAW_KEYS = ("prompt_id", "method", "seed", "prompt_tokens", "output_tokens", "stop", "text")
+
+
+class LengthsError(ValueError):
+    """A raw file that cannot be read; the message names the file and line."""
 
 
 def _versions() -> dict:
@@ -477,13 +496,17 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv
     try:
         methods = parse_methods(args.methods)
+        seeds = _seed_list(args.seeds)
     except ValueError as e:
         print(f"kvprof lengths: {e}", file=sys.stderr)
         return 2
-    seeds = _seed_list(args.seeds)
     references = None
     if not args.summarize_only:
-        run(args, methods, seeds)
+        try:
+            run(args, methods, seeds)
+        except LengthsError as e:
+            print(f"kvprof lengths: {e}", file=sys.stderr)
+            return 2
     try:  # references (task metric) when the prompt set has them
         from profiler.lengthkit.data import load_prompts
 
@@ -491,7 +514,11 @@ def main(argv: list[str] | None = None) -> int:
         references = {p.id: p.reference for p in prompts if p.reference is not None} or None
     except Exception:  # noqa: BLE001  (summarising must not need the prompt package)
         references = None
-    result = summarize(args.out, args.negative_drop, references, plot=not args.no_plot, profile_path=args.profile)
+    try:
+        result = summarize(args.out, args.negative_drop, references, plot=not args.no_plot, profile_path=args.profile)
+    except LengthsError as e:
+        print(f"kvprof lengths: {e}", file=sys.stderr)
+        return 2
     print(result["markdown"])
     return 0
 

@@ -4,6 +4,7 @@ names the file, line, field, key or value (or are counted with ``--skip-invalid`
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import pytest
 
 from kvsim import api
 from kvsim.cli import main
+from kvsim.errors import ConfigError
 
 from conftest import TINY, make_request, small_config
 
@@ -42,9 +44,27 @@ def test_request_longer_than_max_model_len_is_rejected():
     assert res.summary["rejected_reasons"] == {"exceeds_max_model_len": 1}
 
 
+def unchecked_spec(**cfg):
+    """A spec with a budget below max_model_len without chunking, which config validation refuses (as vLLM
+    does): built past the check, to test the engine's own guard for such requests."""
+    mml = cfg.pop("max_model_len")
+    spec = api.make_spec(TINY, "h100", None, small_config(max_model_len=cfg["max_num_batched_tokens"], **cfg),
+                         auto_profile=False)
+    spec.config = dataclasses.replace(spec.config, max_model_len=mml)
+    return spec
+
+
+@pytest.mark.parametrize("unchunked", [{"scheduler": "prefill-first"}, {"enable_chunked_prefill": False}])
+def test_budget_below_max_model_len_without_chunking_is_refused_the_same_way(unchunked):
+    """Regression: prefill-first used to accept what --no-enable-chunked-prefill refused."""
+    with pytest.raises(ConfigError, match="max_num_batched_tokens=32: is smaller than max_model_len=256.*raise "
+                                          "max_num_batched_tokens or lower max_model_len"):
+        api.make_spec(TINY, "h100", None, small_config(max_num_batched_tokens=32, max_model_len=256, **unchunked))
+
+
 def test_prompt_over_the_budget_without_chunking_is_rejected():
-    cfg = small_config(scheduler="prefill-first", max_num_batched_tokens=32, max_model_len=256)
-    res = api.replay([make_request("big", 0.0, 40, 2), make_request("small", 0.0, 30, 2)], model=TINY, config=cfg)
+    spec = unchecked_spec(scheduler="prefill-first", max_num_batched_tokens=32, max_model_len=256)
+    res = api.replay([make_request("big", 0.0, 40, 2), make_request("small", 0.0, 30, 2)], spec=spec)
     assert res.summary["rejected_reasons"] == {"prompt_exceeds_max_num_batched_tokens": 1}
     assert res.summary["completed"] == 1
 
@@ -53,11 +73,11 @@ def test_prefill_first_recompute_longer_than_the_budget_is_dropped_not_stalled()
     """Regression: prefill-first never chunks, so a request preempted after its prompt + generated tokens
     outgrew max_num_batched_tokens could never be scheduled again and the run stalled ("simulation
     stalled with work left"). vLLM V0 ignores such a request; kvsim rejects it with the budget reason."""
-    cfg = small_config(scheduler="prefill-first", max_num_batched_tokens=32, max_model_len=256,
-                       num_gpu_blocks_override=20, block_size=4, max_num_seqs=4)
+    spec = unchecked_spec(scheduler="prefill-first", max_num_batched_tokens=32, max_model_len=256,
+                          num_gpu_blocks_override=20, block_size=4, max_num_seqs=4)
     reqs = [make_request(i, 0.0, 30, 30) for i in range(2)]
     for ff in (True, False):
-        res = api.replay(reqs, model=TINY, config=cfg, check_invariants=True, fast_forward=ff)
+        res = api.replay(reqs, spec=spec, check_invariants=True, fast_forward=ff)
         s = res.summary
         assert s["num_preemptions"] >= 1
         assert s["completed"] + s["rejected"] == 2 == s["num_requests"]

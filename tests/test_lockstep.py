@@ -15,7 +15,7 @@ from kvsim.engine.cluster import cudagraph_capture_sizes, dp_token_counts
 from kvsim.engine.sim import Simulation
 
 from conftest import TINY, FakeCost, examples, make_engine, make_request, run_sim, small_config
-from test_fast_forward import requests, scenarios
+from test_fast_forward import requests, scenario_spec, scenarios
 
 
 class FakeMoECost(FakeCost):
@@ -186,7 +186,7 @@ def test_lockstep_conservation(scenario):
     block conservation is checked after every step of every rank; every request ends exactly once."""
     reqs, cfg, method = scenario
     cfg = dict(cfg, data_parallel_size=2, enable_expert_parallel=True)
-    spec = api.make_spec(TINY_MOE, "h100", method, small_config(**cfg), auto_profile=False)
+    spec = scenario_spec(TINY_MOE, method, cfg)
     res = api.replay(requests(reqs), spec=spec, check_invariants=True, keep_rows=True)
     rows = res.rows
     assert sorted(r["request_id"] for r in rows) == sorted(r[0] for r in reqs)

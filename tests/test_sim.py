@@ -23,12 +23,12 @@ from kvsim.metrics.collector import Recorder
 from kvsim.workload.readers import write_trace
 
 from conftest import TINY, FakeCost, examples, make_engine, make_request, run_sim, small_config
-from test_fast_forward import requests, scenarios
+from test_fast_forward import requests, scenario_spec, scenarios
 
 
 def simulate(reqs, cfg, method, fast_forward=True):
     """api.replay's wiring, keeping the replicas and a timeline row for every step."""
-    spec = api.make_spec(TINY, "h100", method, small_config(**cfg), auto_profile=False)
+    spec = scenario_spec(TINY, method, cfg)
     tl = io.StringIO()
     rec = Recorder(None, tl, timeline_interval_s=0.0, keep_rows=True)
     replicas = api.build_replicas(spec, rec, fast_forward)

@@ -22,7 +22,7 @@ from kvsim.specs.model import load_model
 from profiler.importers.llmservingsim import skew_alphas
 
 from conftest import TINY, examples, small_config
-from test_fast_forward import assert_same, requests, scenarios
+from test_fast_forward import assert_same, requests, scenario_spec, scenarios
 
 
 def roof(alpha_decode=0.0, alpha_mixed=0.0):
@@ -164,7 +164,7 @@ def test_fast_forward_equals_stepping_with_skew(sc):
     reqs, cfg, method = sc
     out = []
     for ff in (True, False):
-        spec = api.make_spec(TINY, "h100", method, small_config(**cfg), auto_profile=False)
+        spec = scenario_spec(TINY, method, cfg)
         spec.roofline_params = replace(calibrated_params("h100"), attn_skew_decode=0.7, attn_skew_mixed=0.4)
         out.append(api.replay(requests(reqs), spec=spec, fast_forward=ff, check_invariants=True, keep_rows=True))
     assert_same(*out)

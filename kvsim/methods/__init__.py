@@ -100,6 +100,8 @@ def parse_method(spec: "str | dict | Method") -> Method:
         k, eq, v = part.partition("=")
         if not eq or not k.strip():
             raise ConfigError(f"method spec {text!r}: {part!r} is not knob=value")
+        if k.strip() in knobs:
+            raise ConfigError(f"method spec {text!r}: knob {k.strip()!r} is given twice")
         knobs[k.strip()] = v.strip()
     return make_method(name.strip(), **knobs)
 
@@ -114,6 +116,8 @@ def parse_method_list(text: str) -> list[Method]:
             specs[-1] += "," + tok
         else:
             specs.append(tok)
+    if not specs:
+        raise ConfigError(f"method list {text!r} names no method; e.g. none,fp8,kivi:bits=2")
     return [parse_method(s) for s in specs]
 
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 from collections import Counter
 from dataclasses import dataclass
 
 from kvsim.engine.sequence import Sequence
+from kvsim.errors import ConfigError
 from kvsim.metrics.quantiles import Quantiles
 
 REQUEST_COLUMNS = [
@@ -24,6 +26,12 @@ class SLO:
     ttft_ms: float | None = None
     tpot_ms: float | None = None
     e2el_ms: float | None = None
+
+    def __post_init__(self):
+        for k in ("ttft_ms", "tpot_ms", "e2el_ms"):
+            v = getattr(self, k)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0)):
+                raise ConfigError(f"SLO {k}={v!r}: a limit must be a finite number of milliseconds > 0")
 
     def met(self, ttft_ms: float, tpot_ms: float, e2el_ms: float) -> bool:
         return ((self.ttft_ms is None or ttft_ms <= self.ttft_ms)

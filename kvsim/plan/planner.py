@@ -29,6 +29,7 @@ import csv
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -92,8 +93,8 @@ def parse_slo_terms(slo) -> tuple[SLOTerm, ...]:
             limit = float(rhs)
         except ValueError:
             raise ConfigError(f"SLO {slo!r}: {part!r}: limit {rhs.strip()!r} is not a number") from None
-        if not limit > 0:
-            raise ConfigError(f"SLO {slo!r}: {part!r}: limit must be > 0")
+        if not (math.isfinite(limit) and limit > 0):
+            raise ConfigError(f"SLO {slo!r}: {part!r}: limit must be a finite number > 0")
         terms.append(SLOTerm(metric, stat, limit))
     return tuple(terms)
 
@@ -246,8 +247,8 @@ class Planner:
         self.config = config or EngineConfig()
         self.profile, self.auto_profile = profile, auto_profile
         self.fmt, self.skip_invalid, self.limit = fmt, skip_invalid, limit
-        if not rate_scale > 0:
-            raise ConfigError(f"rate_scale={rate_scale} must be > 0")
+        if not (math.isfinite(rate_scale) and rate_scale > 0):
+            raise ConfigError(f"rate_scale={rate_scale} must be a finite number > 0")
         self.rate_scale = float(rate_scale)
         self.keep_summaries = keep_summaries
         self.info = trace_info(trace, fmt, skip_invalid, limit)
@@ -463,10 +464,14 @@ def _map(fn, tasks, jobs: int, bar=None):
         return [fn(t) for t in tasks]  # the planner's own bar counts the replays
     from concurrent.futures import ProcessPoolExecutor
 
-    from kvsim.plan.sweep import mp_context
+    from kvsim.plan.sweep import mp_context, tie_to_parent
 
     out = []
-    with ProcessPoolExecutor(max_workers=min(jobs, len(tasks)), mp_context=mp_context()) as ex:
+    ctx = mp_context()
+    parent = os.getpid() if ctx.get_start_method() in ("fork", "spawn") else None
+    # workers die with the planner, however it ends (as a sweep's do)
+    with ProcessPoolExecutor(max_workers=min(jobs, len(tasks)), mp_context=ctx, initializer=tie_to_parent,
+                             initargs=(parent,)) as ex:
         for r in ex.map(fn, tasks):
             out.append(r)
             if bar is not None:

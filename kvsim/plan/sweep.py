@@ -17,14 +17,20 @@ engine option (``max_num_seqs``, ``enable_prefix_caching``, ...). Axes may also 
 Each cell is one replay in a worker. Its result row = the cell's parameters + the flattened summary
 (``ttft_ms_p99``, ``output_throughput``, ...) + ``status`` (ok | error), ``error`` and ``elapsed_s``.
 Rows are appended to ``DIR/cells.jsonl`` as cells finish, so a killed sweep loses only the cells in
-flight; a rerun skips every cell whose id (a hash of its parameters) is already there (``retry_failed``
-reruns the ones that errored). At the end ``DIR/results.csv`` and ``DIR/results.parquet`` (pyarrow, the
-``sweep`` extra) hold the current grid's cells, one row each.
+flight. A rerun skips every cell already there whose id (a hash of its parameters) and ``inputs_sha``
+(a hash of the content of its inputs: the trace, the profile, a model config.json given as a path, and
+the kvsim version) both match, so editing a trace in place reruns the cells that read it. Cells that
+errored are skipped too (``retry_failed`` reruns them); cells whose worker died (``status=lost``: killed,
+out of memory) are never skipped. At the end ``DIR/results.csv`` and ``DIR/results.parquet`` (pyarrow,
+the ``sweep`` extra) hold the current grid's cells, one row each, each file replaced whole.
 
-Executors: ``local`` (``concurrent.futures.ProcessPoolExecutor``, ``jobs`` workers; ``jobs=1`` runs in this
-process) or ``ray`` (the ``ray`` extra): one task per cell on the Ray cluster ``ray_address`` points to
-(default: the running one, else a local instance). Workers must be able to import kvsim and read the
-trace path (the path is made absolute before dispatch).
+Executors: ``local`` (``jobs`` worker processes, one cell at a time each; ``jobs=1`` runs in this process)
+or ``ray`` (the ``ray`` extra): one task per cell on the Ray cluster ``ray_address`` points to (default:
+the running one, else a local instance). Workers must be able to import kvsim and read the trace path
+(the path is made absolute before dispatch). A local worker that dies costs only the cell it held
+(recorded as lost; a new worker takes over the rest). Workers die with the sweep: on Linux the kernel
+kills them when the parent dies (``PR_SET_PDEATHSIG``), elsewhere they notice within a second; SIGTERM or
+Ctrl-C stops them and the sweep cleanly (exit code 128 + the signal), keeping every finished cell.
 """
 
 from __future__ import annotations
@@ -34,7 +40,9 @@ import itertools
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 import traceback
 import warnings
@@ -44,7 +52,8 @@ from pathlib import Path
 
 from kvsim.config import FIELDS as ENGINE_FIELDS
 from kvsim.config import read_yaml
-from kvsim.errors import ConfigError
+from kvsim.errors import ConfigError, KvsimError
+from kvsim.outputs import atomic_write_text, ensure_out_dir, json_lines
 
 #: top-level keys that are settings, not axes
 SETTINGS = ("trace", "slo", "limit", "format", "skip_invalid", "profile")
@@ -88,6 +97,25 @@ def _expand_method(m) -> list:
     return [parse_method(str(m)).spec_string()]
 
 
+def _check_value(key: str, val, where: str) -> None:
+    """One value of an axis, checked alone before any cell runs: a typo fails the sweep at once instead of
+    becoming a column of failed cells. (Rules that tie several options together are left to the cells.)"""
+    if key in ("rate_scale", "limit"):
+        from kvsim.api import check_stream_options
+
+        try:
+            check_stream_options(val if key == "rate_scale" else 1.0, val if key == "limit" else None)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
+    elif key in ENGINE_FIELDS:
+        from kvsim.config import _coerce, config_from_mapping
+
+        if key == "enable_expert_parallel":  # valid only with other options: type alone
+            _coerce(key, val, where)
+        else:
+            config_from_mapping({key: val}, source=where)
+
+
 def load_grid(grid, base_dir=None) -> Grid:
     """A path to grid.yaml, or the same mapping in Python."""
     if isinstance(grid, Grid):
@@ -128,7 +156,12 @@ def load_grid(grid, base_dir=None) -> Grid:
             raise ConfigError(f"{where}: axis {k!r} is an empty list")
         if key == "method":
             vals = [s for m in vals for s in _expand_method(m)]
+        for val in vals:
+            _check_value(key, val, f"{where}: axis {k!r}")
         axes[key] = vals
+    for key in ("limit", "rate_scale"):
+        if key in settings:
+            _check_value(key, settings[key], f"{where}: {key!r}")
     if settings.get("slo") is not None:
         from kvsim.plan.planner import parse_slo_terms
 
@@ -150,6 +183,73 @@ def _resolve_path(value, base_dir: Path):
         return str(p.resolve())
     q = base_dir / p
     return str(q.resolve()) if q.exists() else str(p)
+
+
+def _file_sha(path, cache: dict) -> str | None:
+    """sha256 of a file's bytes (None when it cannot be read: the cell will report why)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    key = (str(path), st.st_mtime_ns, st.st_size)
+    if key not in cache:
+        h = hashlib.sha256()
+        try:
+            with open(path, "rb") as f:
+                for buf in iter(lambda: f.read(1 << 20), b""):
+                    h.update(buf)
+        except OSError:
+            return None
+        cache[key] = h.hexdigest()
+    return cache[key]
+
+
+def _profile_path(params: dict, base_dir: Path):
+    """The profile file a cell will load: its explicit path, or the committed one ``auto`` picks."""
+    prof = params.get("profile", "auto")
+    prof_s = str(prof).lower() if prof is not None else "none"
+    if prof_s in ("none", "roofline", "false"):
+        return None
+    if prof_s != "auto":
+        return _resolve_path(prof, base_dir)
+    try:
+        from kvsim.cost.profiled import profile_candidates
+        from kvsim.specs.hardware import load_hardware
+        from kvsim.specs.model import load_model
+
+        model = load_model(_resolve_model(params.get("model", DEFAULTS["model"]), base_dir)).name
+        hw = load_hardware(params.get("hardware", DEFAULTS["hardware"])).name
+        found = profile_candidates(model, hw, int(params.get("tensor_parallel_size", 1)))
+    except (KvsimError, ValueError, TypeError, OSError):
+        return None  # the cell fails on the same error and reports it
+    return str(found[0]) if found else None
+
+
+def _model_file(model, base_dir: Path) -> str | None:
+    """The config.json a model given as a path reads (None for a shipped short name)."""
+    p = Path(str(model))
+    if not (p.suffix == ".json" or p.exists() or (base_dir / p).exists()):
+        return None
+    q = Path(_resolve_path(model, base_dir))
+    return str(q / "config.json") if q.is_dir() else str(q)
+
+
+def _resolve_model(model, base_dir: Path):
+    return model if _model_file(model, base_dir) is None else _resolve_path(model, base_dir)
+
+
+def inputs_sha(params: dict, base_dir=None, cache: dict | None = None) -> str:
+    """A hash of what a cell reads besides its parameters: the content of its trace, its profile (given
+    or found) and a model config.json given as a path, and the kvsim version. The resume key with
+    :func:`cell_id`: the same parameters over a changed file are a new cell."""
+    from kvsim import __version__
+
+    base = Path(base_dir or ".")
+    cache = {} if cache is None else cache
+    files = {"trace": _resolve_path(params.get("trace"), base), "profile": _profile_path(params, base)}
+    files["model"] = _model_file(params.get("model", DEFAULTS["model"]), base)
+    parts = {"kvsim": __version__, **{k: (_file_sha(v, cache) if v else None) for k, v in files.items()}}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # -- one cell ---------------------------------------------------------------------------------------------
@@ -196,7 +296,8 @@ def run_cell(params: dict, base_dir: str | None = None) -> dict:
         auto = prof_s == "auto"
         profile = None if prof_s in ("auto", "none", "roofline", "false") else _resolve_path(prof, base)
         terms = parse_slo_terms(params.get("slo"))
-        spec = api.make_spec(params.get("model", DEFAULTS["model"]), params.get("hardware", DEFAULTS["hardware"]),
+        spec = api.make_spec(_resolve_model(params.get("model", DEFAULTS["model"]), base),
+                             params.get("hardware", DEFAULTS["hardware"]),
                              params.get("method", "none"), cfg, profile, goodput_slo(terms), auto_profile=auto)
         res = api.replay(_resolve_path(params["trace"], base), spec=spec, fmt=params.get("format"),
                          skip_invalid=bool(params.get("skip_invalid", False)), keep_rows=False, plot=False,
@@ -222,21 +323,18 @@ def _run_cell_args(args):
 
 # -- results on disk ------------------------------------------------------------------------------------------
 def read_cells(path) -> dict[str, dict]:
-    """cells.jsonl -> {cell_id: row}; a later line for the same id wins; a torn last line is ignored."""
+    """cells.jsonl -> {cell_id: row}; a later line for the same id wins; a line cut short by a kill is
+    ignored (its cell reruns). Bytes that are not UTF-8 were not written by kvsim (rows are ASCII JSON):
+    a ConfigError naming the file and line."""
     done: dict[str, dict] = {}
     p = Path(path)
     if not p.exists():
         return done
-    with open(p) as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by a kill
-            if isinstance(row, dict) and "cell_id" in row:
+    if p.is_dir():
+        raise ConfigError(f"{p}: is a folder, expected the sweep's cells.jsonl file")
+    with open(p, "rb") as f:
+        for _, row in json_lines(f, str(p), hint="; remove the line (its cell then reruns) or the file"):
+            if isinstance(row, dict) and isinstance(row.get("cell_id"), str):  # None: cut short by a kill
                 done[row["cell_id"]] = row
     return done
 
@@ -264,16 +362,18 @@ def write_results(rows: list[dict], out_dir, param_cols: list[str]) -> dict:
         pd = None
     if pd is None:
         import csv
+        import io
 
-        with open(paths["csv"], "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
-            w.writeheader()
-            for r in rows:
-                w.writerow(r)
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
+        w.writeheader()
+        for r in rows:
+            w.writerow(r)
+        atomic_write_text(paths["csv"], buf.getvalue())
         warnings.warn("pandas is not installed: wrote results.csv only (pip install 'kvsim[sweep]' for Parquet)")
         return paths
     df = pd.DataFrame(rows, columns=cols)
-    df.to_csv(paths["csv"], index=False)
+    atomic_write_text(paths["csv"], df.to_csv(index=False))
     try:
         import pyarrow  # noqa: F401
     except ImportError:
@@ -286,7 +386,9 @@ def write_results(rows: list[dict], out_dir, param_cols: list[str]) -> dict:
             if len(types) > 1:
                 pq[c] = pq[c].map(lambda v: None if v is None else str(v))
     paths["parquet"] = out / "results.parquet"
-    pq.to_parquet(paths["parquet"], index=False)
+    tmp = out / ".results.parquet.tmp"
+    pq.to_parquet(tmp, index=False)
+    os.replace(tmp, paths["parquet"])
     return paths
 
 
@@ -297,7 +399,8 @@ class SweepResult:
     paths: dict
     ran: int
     skipped: int
-    failed: int
+    failed: int  # errored or lost
+    lost: int = 0  # lost with their worker (killed, out of memory): a rerun retries them
 
     def df(self):
         import pandas as pd
@@ -315,25 +418,159 @@ def mp_context(name: str | None = None):
     return mp.get_context(name or os.environ.get("KVSIM_MP_START") or None)
 
 
+class SweepStopped(KeyboardInterrupt):
+    """SIGTERM or SIGINT reached a running sweep: its workers are stopped, finished cells are kept."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def lost_row(params: dict, why: str) -> dict:
+    """The row of a cell whose worker died under it: not a result, so a rerun retries it."""
+    return {"cell_id": cell_id(params), **params, "status": "lost",
+            "error": f"{why} while running this cell; a rerun retries it", "elapsed_s": None}
+
+
+def _exit_text(code) -> str:
+    if code is not None and code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+def tie_to_parent(parent_pid: int | None) -> None:
+    """Make this worker die with the sweep, however the sweep ends (even SIGKILL, which runs no cleanup)."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    ppid = os.getppid()
+    if parent_pid is not None and ppid != parent_pid:
+        os._exit(1)  # the sweep died before the line above took effect
+
+    def watch():  # where PDEATHSIG does not exist; harmless where it does
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != ppid:
+                os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="kvsim-parent-watch").start()
+
+
+def _worker_main(conn, base_dir, parent_pid) -> None:
+    """A local worker: run the cells the parent sends over ``conn``, one at a time, until it sends None."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the parent decides
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the parent's handler, inherited through fork
+    tie_to_parent(parent_pid)
+    while True:
+        try:
+            params = conn.recv()
+        except (EOFError, OSError):
+            return
+        if params is None:
+            return
+        conn.send(run_cell(params, base_dir))
+
+
+class _Worker:
+    def __init__(self, ctx, base_dir, parent_pid):
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_worker_main, args=(child, base_dir, parent_pid), daemon=True,
+                                name="kvsim-sweep-worker")
+        self.proc.start()
+        child.close()
+        self.params = None  # the cell it holds
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        if self.proc.is_alive():
+            self.proc.terminate()
+            self.proc.join(timeout_s)
+            if self.proc.is_alive():
+                self.proc.kill()
+        self.proc.join()
+        self.conn.close()
+
+
 def _local(todo, base_dir, jobs, on_done, on_start):
     if jobs <= 1:
         on_start()
         for params in todo:
             on_done(params, run_cell(params, base_dir))
         return
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    # one pipe per worker and one cell per worker at a time, instead of a shared queue: a worker that
+    # dies (SIGKILL, out of memory) can only take its own cell with it, never a lock every worker needs
+    # (concurrent.futures breaks the whole pool then and fails every pending cell)
+    from collections import deque
+    from multiprocessing.connection import wait
 
-    with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=mp_context()) as ex:
-        futs = {ex.submit(run_cell, params, base_dir): params for params in todo}
-        on_start()  # after the workers exist: the progress bar's thread is not forked into them
-        for fut in as_completed(futs):
-            params = futs[fut]
+    ctx = mp_context()
+    # fork / spawn: the sweep is the parent; forkserver: the server is, and it dies with the sweep
+    parent_pid = os.getpid() if ctx.get_start_method() in ("fork", "spawn") else None
+    pending = deque(todo)
+    n = min(jobs, len(todo))
+    workers: list[_Worker] = []
+    idle_deaths = 0  # workers that died before taking a cell: a few are kills, many a broken start
+
+    try:
+        while pending or any(w.params is not None for w in workers):
+            for w in [w for w in workers if w.params is None and not w.proc.is_alive()]:
+                w.stop()
+                workers.remove(w)
+                idle_deaths += 1
+            if idle_deaths > 2 * n + 2:
+                while pending:
+                    params = pending.popleft()
+                    on_done(params, lost_row(params, "workers kept dying before taking a cell"))
+            while pending and len(workers) < n:
+                workers.append(_Worker(ctx, base_dir, parent_pid))
+            if on_start is not None:
+                on_start()  # after the first workers exist: the progress bar's thread is not forked into them
+                on_start = None
+            for w in workers:
+                if w.params is None and pending:
+                    params = pending.popleft()
+                    try:
+                        w.conn.send(params)
+                        w.params = params
+                    except OSError:  # died idle: the cell never started
+                        pending.appendleft(params)
+            busy = [w for w in workers if w.params is not None]
+            if not busy:
+                continue
+            wait([w.conn for w in busy] + [w.proc.sentinel for w in busy])
+            for w in busy:
+                row, closed = None, False
+                try:
+                    if w.conn.poll():
+                        row = w.conn.recv()
+                except (EOFError, OSError):
+                    closed = True  # its end of the pipe closed: it is exiting
+                params = w.params
+                if row is not None:
+                    w.params = None
+                    on_done(params, row)
+                elif closed or not w.proc.is_alive():  # died holding its cell, with no result sent
+                    w.proc.join(5.0)
+                    w.params = None
+                    on_done(params, lost_row(params, f"worker {w.proc.pid} died ({_exit_text(w.proc.exitcode)})"))
+                    w.stop()
+                    workers.remove(w)
+        for w in workers:
             try:
-                row = fut.result()
-            except Exception as e:  # noqa: BLE001 - the worker died (killed, out of memory)
-                row = {"cell_id": cell_id(params), **params, "status": "error",
-                       "error": f"worker failed: {type(e).__name__}: {e}", "elapsed_s": None}
-            on_done(params, row)
+                w.conn.send(None)
+            except OSError:
+                pass
+        for w in workers:
+            w.proc.join(5.0)
+    finally:
+        for w in workers:
+            w.stop()
 
 
 def _ray(todo, base_dir, jobs, on_done, on_start, address=None):
@@ -359,9 +596,8 @@ def _ray(todo, base_dir, jobs, on_done, on_start, address=None):
                 params = refs[ref]
                 try:
                     row = ray.get(ref)
-                except Exception as e:  # noqa: BLE001 - task or worker failure
-                    row = {"cell_id": cell_id(params), **params, "status": "error",
-                           "error": f"ray task failed: {type(e).__name__}: {e}", "elapsed_s": None}
+                except Exception as e:  # noqa: BLE001 - run_cell never raises: the task or its worker failed
+                    row = lost_row(params, f"ray task failed ({type(e).__name__}: {e})")
                 on_done(params, row)
     finally:
         if started:
@@ -370,21 +606,32 @@ def _ray(todo, base_dir, jobs, on_done, on_start, address=None):
 
 def run_sweep(grid, out_dir, executor: str = "local", jobs: int | None = None, progress: bool = True,
               retry_failed: bool = False, ray_address: str | None = None, base_dir=None) -> SweepResult:
-    """Run every cell of ``grid`` not already in ``out_dir/cells.jsonl``; return all of the grid's rows."""
+    """Run every cell of ``grid`` not already done in ``out_dir/cells.jsonl`` (same parameters, same input
+    content); return all of the grid's rows. SIGTERM / SIGINT raise :class:`SweepStopped` after the
+    workers are stopped; the cells finished by then are in cells.jsonl."""
     g = load_grid(grid, base_dir)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if executor not in ("local", "ray"):
+        raise ConfigError(f"unknown executor {executor!r}; use local or ray")
+    if jobs is not None and (isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1):
+        raise ConfigError(f"jobs={jobs!r} must be a positive integer (1 runs the cells in this process)")
+    out = ensure_out_dir(out_dir)
     cells_path = out / "cells.jsonl"
     done = read_cells(cells_path)
     cells = g.cells()
     ids = [cell_id(c) for c in cells]
     if len(set(ids)) != len(ids):
         raise ConfigError("grid: two cells have the same parameters (a repeated axis value?)")
-    keep = lambda r: r.get("status") == "ok" or (r.get("status") == "error" and not retry_failed)  # noqa: E731
-    todo = [c for c, i in zip(cells, ids) if not (i in done and keep(done[i]))]
+    cache: dict = {}
+    shas = {i: inputs_sha(c, g.base_dir, cache) for c, i in zip(cells, ids)}
+
+    def keep(r, sha):  # a row that stands for this cell: same inputs, and a result (lost is none)
+        return r.get("inputs_sha") == sha and (
+            r.get("status") == "ok" or (r.get("status") == "error" and not retry_failed))
+
+    todo = [c for c, i in zip(cells, ids) if not (i in done and keep(done[i], shas[i]))]
     skipped = len(cells) - len(todo)
     jobs = jobs if jobs is not None else (os.cpu_count() or 1)
-    (out / "grid.json").write_text(json.dumps({"settings": g.settings, "axes": g.axes}, indent=1, default=str) + "\n")
+    atomic_write_text(out / "grid.json", json.dumps({"settings": g.settings, "axes": g.axes}, indent=1, default=str) + "\n")
     bar = None
 
     def on_start():
@@ -394,7 +641,7 @@ def run_sweep(grid, out_dir, executor: str = "local", jobs: int | None = None, p
 
             bar = tqdm(total=len(cells), initial=skipped, unit="cell", desc="sweep", file=sys.stderr, disable=None)
 
-    failed = 0
+    failed = lost = 0
     if cells_path.exists() and cells_path.stat().st_size:
         with open(cells_path, "rb") as fb:
             fb.seek(-1, os.SEEK_END)
@@ -402,33 +649,57 @@ def run_sweep(grid, out_dir, executor: str = "local", jobs: int | None = None, p
         if torn:  # a line cut short by a kill: end it, so the next row starts on its own line
             with open(cells_path, "a") as f:
                 f.write("\n")
-    with open(cells_path, "a") as f:
+    with open(cells_path, "a") as f, _stop_on_signals():
         def on_done(params, row):
-            nonlocal failed
+            nonlocal failed, lost
+            row["inputs_sha"] = shas[row["cell_id"]]
             done[row["cell_id"]] = row
             f.write(json.dumps(row, default=_json_default) + "\n")
             f.flush()
             if row.get("status") != "ok":
                 failed += 1
+                lost += row.get("status") == "lost"
             if bar is not None:
                 bar.update(1)
                 if failed:
                     bar.set_postfix(failed=failed)
 
-        if executor not in ("local", "ray"):
-            raise ConfigError(f"unknown executor {executor!r}; use local or ray")
-        if not todo:
-            on_start()
-        elif executor == "local":
-            _local(todo, str(g.base_dir), jobs, on_done, on_start)
-        else:
-            _ray(todo, str(g.base_dir), jobs, on_done, on_start, ray_address)
-    if bar is not None:
-        bar.close()
+        try:
+            if not todo:
+                on_start()
+            elif executor == "local":
+                _local(todo, str(g.base_dir), jobs, on_done, on_start)
+            else:
+                _ray(todo, str(g.base_dir), jobs, on_done, on_start, ray_address)
+        finally:
+            if bar is not None:
+                bar.close()
     rows = [done[i] for i in ids]
     param_cols = list(dict.fromkeys(k for c in cells for k in c))
     paths = write_results(rows, out, param_cols)
-    return SweepResult(rows, out, paths, len(todo), skipped, failed)
+    return SweepResult(rows, out, paths, len(todo), skipped, failed, lost)
+
+
+class _stop_on_signals:
+    """Within the block, SIGTERM and SIGINT raise SweepStopped (main thread only: elsewhere Python cannot
+    install handlers, and the signals keep their usual effect)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __enter__(self):
+        self.old = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self.old[sig] = signal.signal(sig, self._raise)
+        return self
+
+    @staticmethod
+    def _raise(signum, frame):
+        raise SweepStopped(signum)
+
+    def __exit__(self, *exc):
+        for sig, h in self.old.items():
+            signal.signal(sig, h)
 
 
 # -- command line -------------------------------------------------------------------------------------------
@@ -447,9 +718,18 @@ def add_sweep_parser(sub) -> None:
 
 
 def _cmd_sweep(args) -> int:
-    res = run_sweep(args.grid, args.out, args.executor, args.jobs, not args.quiet, args.retry_failed, args.ray_address)
+    try:
+        res = run_sweep(args.grid, args.out, args.executor, args.jobs, not args.quiet, args.retry_failed,
+                        args.ray_address)
+    except SweepStopped as e:
+        name = signal.Signals(e.signum).name
+        print(f"sweep: stopped by {name}; finished cells are in {args.out}/cells.jsonl, the same command "
+              "runs the rest", file=sys.stderr)
+        return 128 + e.signum
     files = ", ".join(str(p) for p in res.paths.values())
-    print(f"sweep: {len(res.rows)} cells: ran {res.ran} (failed {res.failed}), skipped {res.skipped} already done; wrote {files}")
+    lost = f", {res.lost} lost with their worker: rerun to retry them" if res.lost else ""
+    print(f"sweep: {len(res.rows)} cells: ran {res.ran} (failed {res.failed}{lost}), skipped {res.skipped} "
+          f"already done; wrote {files}")
     errs = [r for r in res.rows if r.get("status") != "ok"]
     for r in errs[:10]:
         print(f"  failed {r['cell_id']}: {r.get('error')}")

@@ -143,6 +143,15 @@ class ModelSpec:
                 raise ConfigError(f"{source}: {key} = {value!r} must be a positive integer")
             return v
 
+        def optional(key: str, default: int = 0) -> int:
+            """A count that may be absent, null or 0 (then ``default``); anything else a positive integer."""
+            value = cfg.get(key)
+            if value is None or (value == 0 and not isinstance(value, bool)):
+                return default
+            if isinstance(value, bool):
+                raise ConfigError(f"{source}: {key} = {value!r} is not an integer")
+            return positive(key, value)
+
         hidden = positive("hidden_size", need("hidden_size", "n_embd", "d_model"))
         heads = positive("num_attention_heads", need("num_attention_heads", "n_head"))
         kv_heads = positive("num_key_value_heads", cfg.get("num_key_value_heads") or heads)
@@ -154,7 +163,7 @@ class ModelSpec:
             raise ConfigError(f"{source}: no head_dim, and hidden_size ({hidden}) is not a multiple of num_attention_heads ({heads})")
         else:
             head_dim = hidden // heads
-        num_experts = int(cfg.get("num_local_experts") or cfg.get("num_experts") or 0)
+        num_experts = optional("num_local_experts") or optional("num_experts")
         dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16").removeprefix("torch.")
         if dtype not in DTYPE_BYTES:
             raise ConfigError(f"{source}: torch_dtype {dtype!r} not one of {sorted(DTYPE_BYTES)}")
@@ -163,13 +172,13 @@ class ModelSpec:
             top_k = positive("num_experts_per_tok", need("num_experts_per_tok"))
             if top_k > num_experts:
                 raise ConfigError(f"{source}: num_experts_per_tok ({top_k}) exceeds the number of experts ({num_experts})")
-            inter = int(cfg.get("intermediate_size") or moe_inter)
-            shared = int(cfg.get("num_shared_experts") or (1 if cfg.get("shared_expert_intermediate_size") else 0))
+            inter = optional("intermediate_size", moe_inter)
+            shared = optional("num_shared_experts") or (1 if optional("shared_expert_intermediate_size") else 0)
         else:
             moe_inter, top_k, shared = 0, 0, 0
             inter = positive("intermediate_size", need("intermediate_size", "n_inner"))
         # Qwen2/3 configs carry a sliding_window value with use_sliding_window: false (then it is unused)
-        window = int(cfg.get("sliding_window") or 0) if cfg.get("use_sliding_window", True) else 0
+        window = optional("sliding_window") if cfg.get("use_sliding_window", True) else 0
         return cls(
             name=name,
             num_layers=positive("num_hidden_layers", need("num_hidden_layers", "n_layer")),
@@ -181,7 +190,7 @@ class ModelSpec:
             vocab_size=positive("vocab_size", need("vocab_size")),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             dtype=dtype,
-            max_position_embeddings=int(cfg.get("max_position_embeddings") or 4096),
+            max_position_embeddings=optional("max_position_embeddings", 4096),
             num_experts=num_experts,
             num_experts_per_tok=top_k,
             moe_intermediate_size=moe_inter,

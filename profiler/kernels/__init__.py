@@ -54,13 +54,19 @@ def read_raw(path, repair: bool = False):
                 f.flush()
                 os.fsync(f.fileno())
     header, sessions, points = None, [], {}
-    for lineno, line in enumerate(data[:end].decode().splitlines(), 1):
+    for lineno, raw in enumerate(data[:end].split(b"\n"), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise RawError(f"{p}:{lineno}: not valid UTF-8 (byte {e.start + 1} of the line)") from None
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
             raise RawError(f"{p}:{lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(rec, dict):
+            raise RawError(f"{p}:{lineno}: a record must be a JSON object, got {type(rec).__name__}")
         kind = rec.get("record")
         if lineno == 1:
             if kind != "header" or rec.get("format") != RAW_FORMAT:

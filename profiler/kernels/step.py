@@ -142,15 +142,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=20, help="timed steps per point and mode (median kept)")
     p.add_argument("--device", default="cuda")
     args = p.parse_args(argv)
+    from kvsim.errors import KvsimError
+    from kvsim.specs.model import load_model
+
+    try:  # bad input is reported before any device is needed
+        model = load_model(args.model)
+    except KvsimError as e:
+        print(f"kvprof step: {e}", file=sys.stderr)
+        return 2
     import torch
 
-    from kvsim.specs.model import load_model
     from profiler.kernels.grid import _driver_version
 
     if not torch.cuda.is_available():
         print("kvprof step: needs a CUDA device (CUDA graphs)", file=sys.stderr)
         return 2
-    model = load_model(args.model)
     dtype = torch.bfloat16
     bs = [int(x) for x in args.batch_size.split(",")]
     kvs = [int(x) for x in args.kv_tokens.split(",")]
