@@ -151,6 +151,8 @@ def make_cost(spec: RunSpec) -> CostModel:
     ep = cfg.data_parallel_size * cfg.tensor_parallel_size if cfg.enable_expert_parallel else 1
     roof = RooflineCost(spec.model, spec.hardware, spec.method, cfg.tensor_parallel_size, spec.roofline_params,
                         expert_parallel_size=max(1, ep // cfg.tensor_parallel_size))
+    if spec.engine:
+        roof.name = f"roofline, engine {spec.engine}"
     if spec.profile is None:
         return roof
     from kvsim.cost.profiled import ProfiledCost

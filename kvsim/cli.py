@@ -154,6 +154,8 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hardware", default=None, help="GPU name (`kvsim hardware`) (default: h100)")
     p.add_argument("--profile", default=None, help="profile JSON (default: a committed one matching model x hardware x TP, else roofline)")
     p.add_argument("--no-profile", action="store_true", help="use the roofline even when a profile exists")
+    p.add_argument("--engine", default=None, help="serving engine whose step model to use: vllm (kvsim's default "
+                   "calibration) or a fitted one such as lmdeploy-0.6 (docs/method-costs.md) (default: vllm)")
     p.add_argument("--lengths", default="auto", metavar="auto|published|trace|PROFILE",
                    help="output-length source under compression: auto = a kvprof lengths measurement made on this "
                         "model (profiles/lengths/), else the method's published figure; published = always the "
@@ -177,7 +179,7 @@ def _spec(args, method):
 
     return api.make_spec(model_arg(args), args.hardware, method, engine_config(args), args.profile,
                          parse_slo(args.slo), auto_profile=not args.no_profile, lengths=args.lengths,
-                         allow_profile_mismatch=args.allow_profile_mismatch)
+                         allow_profile_mismatch=args.allow_profile_mismatch, engine=args.engine)
 
 
 def cmd_replay(args) -> int:
