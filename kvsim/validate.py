@@ -184,6 +184,21 @@ def read_anchor(path: Path) -> dict | None:
     return {"metrics": out, "header": header} if out else None
 
 
+#: the first vLLM release that schedules asynchronously by default (release notes of v0.14.0:
+#: "Async scheduling is now enabled by default", https://github.com/vllm-project/vllm/releases/tag/v0.14.0)
+VLLM_ASYNC_DEFAULT_SINCE = (0, 14)
+
+
+def vllm_async_by_default(extra: dict, source: str) -> bool:
+    """Whether a case that does not record ``async_scheduling`` ran with it: vLLM >= 0.14 by default."""
+    if str(extra.get("engine", "vllm")).lower() != "vllm" or "engine_version" not in extra:
+        return False
+    m = re.match(r"^\s*(\d+)\.(\d+)", str(extra["engine_version"]))
+    if not m:
+        raise ConfigError(f"{source}: key 'engine_version': value {extra['engine_version']!r} is not a version")
+    return (int(m.group(1)), int(m.group(2))) >= VLLM_ASYNC_DEFAULT_SINCE
+
+
 def load_case(case_dir) -> Case:
     d = Path(case_dir)
     run = d / "run.yaml"
@@ -203,6 +218,8 @@ def load_case(case_dir) -> Case:
         if isinstance(nb, bool) or not isinstance(nb, int) or nb < 1:
             raise ConfigError(f"{run}: key 'num_gpu_blocks': value {nb!r} is not a positive integer")
         cfg = dataclasses.replace(cfg, num_gpu_blocks_override=nb)
+    if "async_scheduling" not in engine_keys and vllm_async_by_default(extra, str(run)):
+        cfg = dataclasses.replace(cfg, async_scheduling=True)
     if "model" not in extra:
         raise ConfigError(f"{run}: key 'model' is missing")
     model = model_name(extra["model"], str(run))
