@@ -110,7 +110,7 @@ FIELDS = {f.name: f for f in dataclasses.fields(EngineConfig)}
 DESCRIPTIVE_KEYS = {
     "model", "dtype", "enforce_eager", "engine", "engine_version", "gpu", "num_gpus", "workload",
     "source", "num_gpu_blocks", "scheduling_policy", "prefix_caching_hash_algo",
-    "hardware", "method", "notes",
+    "hardware", "method", "notes", "measured_at", "client_overhead_ms",
 }
 
 

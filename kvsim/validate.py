@@ -94,6 +94,8 @@ class Case:
     anchor: dict | None = None
     steps_csv: Path | None = None
     timeseries_csv: Path | None = None
+    #: set by case_requests when prompt identity was inferred from a repeating cycle
+    prompt_repetition: object | None = None
 
 
 def model_name(value, source: str) -> str:
@@ -240,12 +242,69 @@ def load_case(case_dir) -> Case:
                 d / "engine_timeseries.csv" if (d / "engine_timeseries.csv").is_file() else None)
 
 
-def case_requests(case: Case, arrivals: str = "measured"):
+#: a workload without prefix hashes whose prompt lengths repeat with a period P at this rate or more is
+#: read as a list of P prompts sent in turn (see ``repeated_prompts``)
+REPEAT_MIN_MATCH = 0.95
+
+
+@dataclass
+class PromptRepetition:
+    period: int
+    match: float          # fraction of requests whose prompt length equals that of the request P earlier
+    shared: int           # requests given their prompt's hashes (length equal to the period slot's)
+    total: int
+
+    def describe(self) -> str:
+        return (f"prompts repeat every {self.period} requests ({self.match:.1%} of lengths match): "
+                f"{self.shared} of {self.total} requests share their prompt's prefix hashes")
+
+
+def repeated_prompts(reqs, block_tokens: int = 16, max_period: int | None = None) -> PromptRepetition | None:
+    """A synthetic workload generated from a fixed list of P prompts sent in turn (inference-perf's
+    data generators cycle their pre-generated prompts: ``prompts[data_index % len(prompts)]``) repeats
+    each prompt every P requests, and with prefix caching the server computes only its last tokens. The
+    workload file has no token ids or hashes, but the prompt lengths betray the cycle: find the smallest
+    P whose lengths repeat for at least ``REPEAT_MIN_MATCH`` of the requests, and give every request
+    whose length equals its slot's (``index mod P``) most common length the chained block hashes of that
+    slot's prompt. A request whose length differs is left without hashes (nothing shared). In file order;
+    modifies ``reqs`` in place; None (nothing changed) when any request has hashes or no period fits."""
+    from collections import Counter
+
+    n = len(reqs)
+    if n < 8 or any(r.prefix_hashes for r in reqs):
+        return None
+    lens = [r.prompt_tokens for r in reqs]
+    best = None
+    for period in range(1, min(max_period or n // 4, n // 4) + 1):
+        same = sum(1 for i in range(n - period) if lens[i] == lens[i + period])
+        if same >= REPEAT_MIN_MATCH * (n - period):
+            best = (period, same / (n - period))
+            break
+    if best is None or best[0] == 1:  # one length throughout says nothing about identity
+        return None
+    period, match = best
+    slot_len = {k: Counter(lens[k::period]).most_common(1)[0][0] for k in range(period)}
+    shared = 0
+    for i, r in enumerate(reqs):
+        k = i % period
+        if r.prompt_tokens != slot_len[k] or r.prompt_tokens < block_tokens:
+            continue
+        # block j of prompt k: distinct across prompts and positions, the same for every resend
+        r.prefix_hashes = tuple((k + 1) * (1 << 24) + j for j in range(r.prompt_tokens // block_tokens))
+        r.hash_block_tokens = block_tokens
+        shared += 1
+    return PromptRepetition(period, match, shared, n)
+
+
+def case_requests(case: Case, arrivals: str = "measured", prompt_identity: str = "infer"):
     """The workload's requests, arriving at the realised times of measured.csv (``arrivals='measured'``)
-    or at the workload's intended times shifted so the first is 0 (``'workload'``)."""
+    or at the workload's intended times shifted so the first is 0 (``'workload'``). With
+    ``prompt_identity='infer'`` a workload without prefix hashes whose prompts repeat in a cycle gets
+    them (``repeated_prompts``; the finding is kept in ``case.prompt_repetition``)."""
     from kvsim.workload.readers import read_trace
 
     reqs = [r for r in read_trace(case.workload)]
+    case.prompt_repetition = repeated_prompts(reqs) if prompt_identity == "infer" else None
     meas = {m["request_id"]: m for m in case.measured}
     missing = [m for m in meas if m not in {r.request_id for r in reqs}]
     if missing:
@@ -264,6 +323,39 @@ def case_requests(case: Case, arrivals: str = "measured"):
         out.append(r)
     out.sort(key=lambda r: r.arrival_time_s)
     return out
+
+
+#: time a request spends outside the engine when it is timed at an HTTP client (vLLM's OpenAI server:
+#: HTTP request and response, prompt tokenisation, hand-off to and from the engine core, detokenisation,
+#: server-sent events). See docs/fidelity.md, "Client overhead", for the value and how it was chosen.
+CLIENT_OVERHEAD_MS = 0.0
+
+
+def measured_at(case: Case) -> str:
+    """``client`` or ``engine``: run.yaml's ``measured_at`` where given, else ``engine`` when measured.csv
+    has engine-side queue times (vLLM's per-request engine stats, kvprof replay) and ``client`` when not."""
+    v = case.extra.get("measured_at")
+    if v is not None:
+        if v not in ("client", "engine"):
+            raise ConfigError(f"{case.run_yaml}: key 'measured_at': value {v!r} is not 'client' or 'engine'")
+        return v
+    has_queue = any(not math.isnan(m.get("queue_ms", math.nan)) for m in case.measured)
+    return "engine" if has_queue else "client"
+
+
+def case_client_overhead_ms(case: Case) -> float:
+    """What kvsim adds to a case's predicted TTFT and e2el: run.yaml's ``client_overhead_ms`` where given,
+    else ``CLIENT_OVERHEAD_MS`` for times taken at a client and 0 for times taken in the engine."""
+    v = case.extra.get("client_overhead_ms")
+    if v is not None:
+        try:
+            v = float(v)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{case.run_yaml}: key 'client_overhead_ms': value {v!r} is not a number") from None
+        if not v >= 0:
+            raise ConfigError(f"{case.run_yaml}: key 'client_overhead_ms': value {v!r} must be >= 0")
+        return v
+    return CLIENT_OVERHEAD_MS if measured_at(case) == "client" else 0.0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -373,7 +465,7 @@ def resolve_spec(case: Case, use_profile: bool = True, profile=None, roofline_pa
     return spec
 
 
-def simulate(case: Case, spec, arrivals: str = "measured", timeline_out=None):
+def simulate(case: Case, spec, arrivals: str = "measured", timeline_out=None, prompt_identity: str = "infer"):
     """Replay the case; returns (summary, rows by request_id, step log)."""
     from kvsim import api
     from kvsim.engine.cluster import make_router
@@ -394,7 +486,7 @@ def simulate(case: Case, spec, arrivals: str = "measured", timeline_out=None):
     lengths = LengthRatio(source="measured case: output lengths as served")
     sim = Simulation(replicas, make_router(spec.config.router), rec, LengthSampler(lengths, spec.config.seed))
     w0 = time.perf_counter()
-    sim.run(case_requests(case, arrivals))
+    sim.run(case_requests(case, arrivals, prompt_identity))
     wall = time.perf_counter() - w0
     for r in replicas:  # unwrap: summary reads cost.name
         r.cost = r.cost.inner
@@ -466,17 +558,21 @@ class CaseResult:
 
 
 def validate_case(case: Case, out_dir: Path | None = None, use_profile: bool = True, profile=None,
-                  roofline_params: str = "withheld", arrivals: str = "measured", plot: bool = True) -> CaseResult:
+                  roofline_params: str = "withheld", arrivals: str = "measured", plot: bool = True,
+                  prompt_identity: str = "infer", client_overhead_ms=None) -> CaseResult:
+    """``client_overhead_ms``: added to every predicted TTFT and e2el; None: the case's own
+    (``case_client_overhead_ms``)."""
     spec = resolve_spec(case, use_profile, profile, roofline_params)
     tl_buf = None
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         tl_buf = open(out_dir / "timeline.csv", "w", newline="")
     try:
-        summary, rows, steps = simulate(case, spec, arrivals, tl_buf)
+        summary, rows, steps = simulate(case, spec, arrivals, tl_buf, prompt_identity)
     finally:
         if tl_buf:
             tl_buf.close()
+    client_ms = case_client_overhead_ms(case) if client_overhead_ms is None else float(client_overhead_ms)
     joined = []
     for m in case.measured:
         p = rows.get(m["request_id"])
@@ -484,7 +580,10 @@ def validate_case(case: Case, out_dir: Path | None = None, use_profile: bool = T
              "output_tokens": m["output_tokens"]}
         for k in METRICS:
             j[f"measured_{k}"] = m[k]
-            j[f"predicted_{k}"] = p[k] if p else None
+            v = p[k] if p else None
+            if v is not None and k != "tpot_ms":  # a constant on TTFT and e2el leaves their difference alone
+                v += client_ms
+            j[f"predicted_{k}"] = v
         j["measured_queue_ms"] = m.get("queue_ms")
         j["predicted_num_preemptions"] = p["num_preemptions"] if p else None
         j["predicted_prefix_hit_tokens"] = p["prefix_hit_tokens"] if p else None
@@ -510,6 +609,10 @@ def validate_case(case: Case, out_dir: Path | None = None, use_profile: bool = T
         label = "roofline (withheld)" if " without " in src else "roofline (calibrated)"
     res = CaseResult(case, errors, summary, joined, steps, label=label)
     res.diagnostics = diagnostics(case, summary, joined, steps)
+    res.diagnostics["client_overhead_ms"] = client_ms
+    res.diagnostics["measured_at"] = measured_at(case)
+    rep = case.prompt_repetition
+    res.diagnostics["prompt_repetition"] = rep.describe() if rep is not None else None
     if case.steps_csv is not None:
         base_cost = _cost_of(spec)
         res.steps_measured, res.step_summary = step_errors(case.steps_csv, base_cost)
@@ -744,13 +847,15 @@ def format_table(results: list[CaseResult]) -> str:
 
 
 def validate(case_dirs, out_dir=None, use_profile: bool = True, profile=None, roofline_params: str = "withheld",
-             arrivals: str = "measured", plot: bool = True) -> list[CaseResult]:
+             arrivals: str = "measured", plot: bool = True, prompt_identity: str = "infer",
+             client_overhead_ms=None) -> list[CaseResult]:
     out = Path(out_dir) if out_dir is not None else None
     results = []
     for d in case_dirs:
         case = load_case(d)
         sub = out / case.case_id if out is not None else None
-        results.append(validate_case(case, sub, use_profile, profile, roofline_params, arrivals, plot))
+        results.append(validate_case(case, sub, use_profile, profile, roofline_params, arrivals, plot,
+                                     prompt_identity, client_overhead_ms))
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         write_errors_csv([e for r in results for e in r.errors], out / "errors.csv")
@@ -773,13 +878,20 @@ def register(sub) -> None:
                    help="without a profile: params fitted with this case's (hardware, model) withheld, or on all profiles")
     v.add_argument("--arrivals", choices=["measured", "workload"], default="measured",
                    help="realised arrival times from measured.csv (default) or the workload's intended ones")
+    v.add_argument("--prompt-identity", choices=["infer", "none"], default="infer",
+                   help="a workload without prefix hashes whose prompt lengths repeat in a cycle is read as the same "
+                        "prompts sent in turn (infer, default), or every prompt is taken as distinct (none)")
+    v.add_argument("--client-overhead-ms", type=float, default=None,
+                   help="added to every predicted TTFT and e2el (default: the case's own: "
+                        f"{CLIENT_OVERHEAD_MS} ms for times taken at an HTTP client, 0 for times taken in the engine)")
     v.add_argument("--no-plot", action="store_true")
     v.set_defaults(func=_cmd_validate)
 
 
 def _cmd_validate(args) -> int:
     results = validate(args.cases, args.out, not args.no_profile, args.profile, args.roofline_params, args.arrivals,
-                       plot=not args.no_plot)
+                       plot=not args.no_plot, prompt_identity=args.prompt_identity,
+                       client_overhead_ms=args.client_overhead_ms)
     print(format_table(results))
     for r in results:
         print(format_case_md(r))

@@ -88,7 +88,7 @@ from kvsim.specs.hardware import HardwareSpec
 from kvsim.specs.model import ModelSpec
 
 #: kernels launched per operation (each pays ``kernel_overhead_s``)
-KERNELS = {"qkv": 1, "o": 1, "mlp": 3, "moe": 6, "other": 4, "lm_head": 1, "attention": 2,
+KERNELS = {"qkv": 1, "o": 1, "mlp": 3, "moe": 6, "other": 3, "lm_head": 1, "attention": 2,
            "embedding": 1, "final_norm": 1, "sampler": 6}
 
 
