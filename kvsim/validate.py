@@ -328,7 +328,7 @@ def case_requests(case: Case, arrivals: str = "measured", prompt_identity: str =
 #: time a request spends outside the engine when it is timed at an HTTP client (vLLM's OpenAI server:
 #: HTTP request and response, prompt tokenisation, hand-off to and from the engine core, detokenisation,
 #: server-sent events). See docs/fidelity.md, "Client overhead", for the value and how it was chosen.
-CLIENT_OVERHEAD_MS = 0.0
+CLIENT_OVERHEAD_MS = 9.0
 
 
 def measured_at(case: Case) -> str:
@@ -446,13 +446,39 @@ def _wrap_begin(replica, log: StepLog):
     replica.commit = commit
 
 
+def profile_engine(prof) -> str:
+    """Which serving stack's kernels a profile times: ``vllm`` (LLMServingSim's profiles are vLLM 0.19's
+    own layers), ``sarathi`` (Vidur's: Sarathi-Serve's eager layers, cuBLAS and unfused norms of 2024),
+    ``kvprof`` (kvprof's plain torch kernels), else ``unknown``."""
+    prov = getattr(prof, "provenance", None) or {}
+    src = str(prov.get("source", ""))
+    if "vllm" in prov or "llmservingsim" in src:
+        return "vllm"
+    if "vidur" in src:
+        return "sarathi"
+    if "kvprof" in src:
+        return "kvprof"
+    return "unknown"
+
+
 def resolve_spec(case: Case, use_profile: bool = True, profile=None, roofline_params: str = "withheld"):
     """The RunSpec of a case. Without a profile the roofline's params are the calibration fitted with
-    this (hardware, model) withheld (``roofline_params='withheld'``) or on everything (``'calibrated'``)."""
+    this (hardware, model) withheld (``roofline_params='withheld'``) or on everything (``'calibrated'``).
+
+    The committed profile of the case's (model, GPU, TP) is used unless it times another serving stack's
+    kernels than the case's vLLM run (Vidur's Sarathi-Serve profiles): then the roofline calibrated on
+    that profile's kernel timings stands in (``spec.skipped_profile`` names it). ``profile`` given
+    explicitly is always used."""
     from kvsim import api
 
     spec = api.make_spec(case.model, case.hardware, case.method, case.config,
                          profile=profile if use_profile else None, auto_profile=use_profile)
+    spec.skipped_profile = None
+    if (use_profile and profile is None and spec.profile is not None
+            and str(case.extra.get("engine", "vllm")).lower() == "vllm" and profile_engine(spec.profile) == "sarathi"):
+        spec.skipped_profile = spec.profile.name
+        spec.profile = None
+        roofline_params = "calibrated"
     if spec.profile is None:
         from kvsim.cost.roofline import calibrated_params
 
@@ -610,6 +636,7 @@ def validate_case(case: Case, out_dir: Path | None = None, use_profile: bool = T
     res = CaseResult(case, errors, summary, joined, steps, label=label)
     res.diagnostics = diagnostics(case, summary, joined, steps)
     res.diagnostics["client_overhead_ms"] = client_ms
+    res.diagnostics["skipped_profile"] = getattr(spec, "skipped_profile", None)
     res.diagnostics["measured_at"] = measured_at(case)
     rep = case.prompt_repetition
     res.diagnostics["prompt_repetition"] = rep.describe() if rep is not None else None
