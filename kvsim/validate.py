@@ -46,6 +46,8 @@ HF_MODELS = {
     "meta-llama/meta-llama-3-8b": "llama-3-8b",
     "meta-llama/llama-2-7b-hf": "llama-2-7b",
     "meta-llama/llama-2-13b-hf": "llama-2-13b",
+    "meta-llama/llama-2-70b-hf": "llama-2-70b",
+    "codellama/codellama-34b-hf": "codellama-34b",
     "meta-llama/llama-3.1-70b": "llama-3.1-70b",
     "qwen/qwen3-32b": "qwen3-32b",
     "qwen/qwen3-30b-a3b": "qwen3-30b-a3b",
@@ -328,7 +330,7 @@ def case_requests(case: Case, arrivals: str = "measured", prompt_identity: str =
 #: time a request spends outside the engine when it is timed at an HTTP client (vLLM's OpenAI server:
 #: HTTP request and response, prompt tokenisation, hand-off to and from the engine core, detokenisation,
 #: server-sent events). See docs/fidelity.md, "Client overhead", for the value and how it was chosen.
-CLIENT_OVERHEAD_MS = 9.0
+CLIENT_OVERHEAD_MS = 8.7
 
 
 def measured_at(case: Case) -> str:
@@ -585,10 +587,16 @@ class CaseResult:
 
 def validate_case(case: Case, out_dir: Path | None = None, use_profile: bool = True, profile=None,
                   roofline_params: str = "withheld", arrivals: str = "measured", plot: bool = True,
-                  prompt_identity: str = "infer", client_overhead_ms=None) -> CaseResult:
+                  prompt_identity: str = "infer", client_overhead_ms=None, roofline_overrides=None) -> CaseResult:
     """``client_overhead_ms``: added to every predicted TTFT and e2el; None: the case's own
-    (``case_client_overhead_ms``)."""
+    (``case_client_overhead_ms``). ``roofline_overrides``: roofline parameters replaced for this run
+    (a mapping of ``RooflineParams`` fields; for fitting studies such as results/validation/h100_fit.py)."""
     spec = resolve_spec(case, use_profile, profile, roofline_params)
+    if roofline_overrides:
+        from kvsim.cost.roofline import calibrated_params
+
+        base = spec.roofline_params or calibrated_params(case.hardware)
+        spec.roofline_params = dataclasses.replace(base, **roofline_overrides)
     tl_buf = None
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
