@@ -308,7 +308,8 @@ def case_requests(case: Case, arrivals: str = "measured", prompt_identity: str =
     reqs = [r for r in read_trace(case.workload)]
     case.prompt_repetition = repeated_prompts(reqs) if prompt_identity == "infer" else None
     meas = {m["request_id"]: m for m in case.measured}
-    missing = [m for m in meas if m not in {r.request_id for r in reqs}]
+    ids = {r.request_id for r in reqs}
+    missing = [m for m in meas if m not in ids]
     if missing:
         raise ConfigError(f"{case.path / 'measured.csv'}: request_id {missing[0]!r} is not in the workload {case.workload}")
     out = []
