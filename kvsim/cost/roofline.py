@@ -53,7 +53,7 @@ weight/activation element:
   S (h + E) b and a reduce-scatter of S h b bytes a rank, (e-1) (c + S (h + E) b / C) + (e-1) (c + S h b / C)
   with the machine's figure (the ring; exact for 2 ranks, whose two shares cross the link at once),
   else 2 allreduce_latency_s + (e-1) S (2h + E) b / (X eff_comm)
-- other (element-wise, 4 kernels: 2 fused add+RMSNorm, rotary, the rest): B T (8 h + 2 (q + 2k)) b
+- other (element-wise, 3 kernels as vLLM runs them: 2 fused add+RMSNorm, rotary): B T (8 h + 2 (q + 2k)) b
 - attention: from the compression method (``Method.prefill_attention_work`` /
   ``decode_attention_work`` and the ``*_extra_work`` hooks), so each method's kernel path is costed.
   A step that prefills runs all its attention as one variable-length prefill call (vLLM V1), so its
