@@ -184,7 +184,8 @@ def build_replicas(spec: RunSpec, recorder: Recorder, fast_forward: bool = True)
         cls = PrefillFirstScheduler if cfg.scheduler == "prefill-first" else Scheduler
         sched = cls(kv, cfg.max_num_seqs, cfg.max_num_batched_tokens or cfg.max_model_len, cfg.enable_chunked_prefill)
         r = Replica(i, sched, kv, cost, recorder, cfg.max_model_len, fast_forward and not lockstep,
-                    reject_over_budget_prompts=(cfg.scheduler == "prefill-first" or not cfg.enable_chunked_prefill))
+                    reject_over_budget_prompts=(cfg.scheduler == "prefill-first" or not cfg.enable_chunked_prefill),
+                    async_scheduling=cfg.async_scheduling)
         if lockstep:
             r.lockstep_group = i // cfg.data_parallel_size
         replicas.append(r)

@@ -38,6 +38,11 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     enable_prefix_caching: bool = True
     num_gpu_blocks_override: int | None = None
+    #: vLLM's ``--async-scheduling`` (on by default since vLLM 0.14.0): the scheduler plans step n+1
+    #: while step n runs, so a request that arrives during step n is first scheduled in step n+2.
+    #: kvsim's default stays off (its replays and tests predate it); ``kvsim validate`` turns it on for
+    #: cases run on vLLM >= 0.14 that do not record it
+    async_scheduling: bool = False
     seed: int = 0
     # -- kvsim's own knobs --------------------------------------------------------------------
     #: "chunked" mirrors vLLM V1 (running requests first, then waiting ones in the remaining budget);
@@ -108,8 +113,8 @@ FIELDS = {f.name: f for f in dataclasses.fields(EngineConfig)}
 #: (documented in shared/validation/README.md); accepted and ignored by the engine model
 DESCRIPTIVE_KEYS = {
     "model", "dtype", "enforce_eager", "engine", "engine_version", "gpu", "num_gpus", "workload",
-    "source", "num_gpu_blocks", "async_scheduling", "scheduling_policy", "prefix_caching_hash_algo",
-    "hardware", "method", "notes",
+    "source", "num_gpu_blocks", "scheduling_policy", "prefix_caching_hash_algo",
+    "hardware", "method", "notes", "measured_at", "client_overhead_ms",
 }
 
 

@@ -80,6 +80,7 @@ def scenarios(draw):
         num_replicas=draw(st.integers(1, 3)),
         router=draw(st.sampled_from(["round-robin", "least-outstanding-tokens", "vllm-dp"])),
         seed=draw(st.integers(0, 3)),
+        async_scheduling=draw(st.booleans()),
     )
     method = draw(st.sampled_from(METHODS))
     return reqs, cfg, method

@@ -15,7 +15,7 @@ from kvsim.specs.hardware import FIGURE_KEYS, OPTIONAL_FIGURE_KEYS, known_hardwa
 from kvsim.specs.model import known_models
 
 SHIPPED_MODELS = {
-    "llama-2-7b", "llama-2-13b", "llama-3-8b", "llama-3.1-8b", "llama-3.1-70b", "mistral-7b-v0.1",
+    "llama-2-7b", "llama-2-13b", "llama-2-70b", "codellama-34b", "llama-3-8b", "llama-3.1-8b", "llama-3.1-70b", "mistral-7b-v0.1",
     "qwen2.5-7b", "qwen3-32b", "qwen3-30b-a3b", "mixtral-8x7b", "smollm2-135m",
 }
 SHIPPED_GPUS = {"a100", "h100", "h200", "l40s", "rtx-a6000", "a40", "rtx-pro-6000", "rtx-4090"}

@@ -43,16 +43,24 @@ import numpy as np
 from kvsim.cost.roofline import KERNELS, RooflineCost, RooflineParams
 
 #: time a real step spends outside its kernels; not visible in kernel timings, so not fitted.
-#: layer: ~10 kernels per layer in a CUDA-graph replay at ~1 us between kernels; step: host-to-device
-#: copies of the step's inputs and the sampled-token copy back (~0.2 ms), with vLLM V1's asynchronous
-#: scheduling hiding the rest of the host work behind the GPU.
-A_PRIORI = {"layer_overhead_s": 10e-6, "step_overhead_s": 0.2e-3}
+#: layer: 0. vLLM replays decode steps from CUDA graphs, where kernels follow each other without launch
+#: gaps: kvprof's whole-step timings on an H200 (profiles/kvprof/raw/h200__*__step.jsonl, `kvprof step`)
+#: put a Llama-2-7B decode step of ~1,200 kernels at batch 1 at 6.1 ms in a graph against 20.6 ms eager,
+#: and what the graph leaves beyond the weight-streaming GEMMs is ~2 us per small kernel, no more than
+#: such a kernel's own duration (elem_overhead_s, fitted on kernel timings: 2.2 us on h100). So the
+#: per-kernel fixed times already charged cover it (docs/fidelity.md, "Per-step and per-layer time").
+#: step: host-to-device copies of the step's inputs and the sampled-token copy back (~0.2 ms), with
+#: vLLM V1's asynchronous scheduling hiding the rest of the host work behind the GPU.
+A_PRIORI = {"layer_overhead_s": 0.0, "step_overhead_s": 0.2e-3}
 
 #: fitted parameter -> (lower, upper bound, which data identify it)
 PARAMS = {
     "eff_flops": (0.05, 1.0, "gemm"),
     "gemm_half_tokens": (0.0, 2048.0, "gemm"),
-    "eff_mem": (0.05, 1.0, "gemm"),
+    # no GPU streams more than ~95 % of its datasheet DRAM bandwidth (decode attention on an H200 tops
+    # out at 0.95, HOPPER_DECODE); without the bound the h100 fit ran to 1.0, a direction its data
+    # hardly see (the GEMM compute floor explains the same small-T times)
+    "eff_mem": (0.05, 0.95, "gemm"),
     "kernel_overhead_s": (0.0, 60e-6, "gemm"),
     "eff_elem": (0.02, 4.0, "mem"),
     "elem_overhead_s": (0.0, 30e-6, "mem"),
@@ -66,6 +74,18 @@ PARAMS = {
     "allreduce_latency_s": (0.0, 300e-6, "comm"),
 }
 NAMES = list(PARAMS)
+#: where each parameter sits when the data say nothing about it: a weak pull (``PRIOR_WEIGHT``) towards a
+#: physical value makes the least-squares minimum unique, so a rerun reproduces the fit and directions
+#: the data leave flat (for one, the query tile and the wave floor enter prefill attention only as their
+#: product when every chunk is longer than a tile) take these values instead of wherever the optimiser
+#: stopped. Values: typical achieved fractions of datasheet peaks; FlashAttention's query tile of 64 rows;
+#: about one attention tile per SM in flight (128); a few microseconds per kernel.
+PRIOR = {"eff_flops": 0.7, "gemm_half_tokens": 64.0, "eff_mem": 0.85, "kernel_overhead_s": 4e-6, "eff_elem": 1.0,
+         "elem_overhead_s": 2e-6, "eff_attn_flops": 0.5, "eff_attn_mem": 0.85, "attn_q_tile": 64.0, "attn_ctas": 128.0,
+         "attn_seq_overhead_s": 1e-7, "attn_overhead_s": 8e-6, "eff_comm": 0.8, "allreduce_latency_s": 20e-6}
+#: a parameter e times its prior costs as much as a 1 % log-time error over one table; data that
+#: determine a parameter move it far more than that
+PRIOR_WEIGHT = 0.01
 #: profile ``decode_skew_alpha`` key -> roofline parameter; closed-form least squares in the importer, so
 #: they are averaged over a hardware's profiles here rather than refitted
 SKEW = {"decode": "attn_skew_decode", "mixed": "attn_skew_mixed"}
@@ -84,6 +104,24 @@ NOT_FITTED = {"embedding"}
 
 PROFILES_DIR = Path(__file__).resolve().parents[2] / "profiles" / "imported"
 CALIBRATION_YAML = Path(__file__).resolve().parent / "calibration.yaml"
+#: decode attention over a contiguous KV cache on an H200, timed by kvprof (docs/kvprof-kernels.md,
+#: ``--contiguous-decode``): the traffic of an ideal paged kernel. Hopper has no attention table in the
+#: imported profiles, so this sets h100's and h200's KV-read efficiency (a fraction of each chip's own peak:
+#: same GH100 SMs and memory system, HBM3 vs HBM3e) instead of the default fitted on A40 and RTX GPUs
+HOPPER_DECODE = PROFILES_DIR.parent / "kvprof" / "raw" / "h200__llama-2-7b__tp1__contiguous-decode.jsonl"
+#: its points with at least this much KV per call: GPU-bound (125 us and more), clear of the eager
+#: launch floor (~50 us) that the smaller points sit on
+HOPPER_DECODE_MIN_BYTES = 512e6
+#: GPUs of one die: h200 is an h100 with HBM3e (same SMs, NVLink and clocks); efficiencies, being
+#: fractions of each GPU's own datasheet peaks, carry over
+SAME_DIE = {"h200": "h100"}
+#: what the H200 decode timings set for Hopper (``hopper_decode_efficiency``): the call's fixed time and
+#: the time per sequence. Its KV-read efficiency (0.951) is that of a contiguous cache, an upper bound for
+#: vLLM's paged kernel; paged kernels on the other GPUs reach 0.888 (the default fit). Within that range
+#: the value is the one term of the cost model fitted on the public H100 serving runs, with a
+#: leave-one-load-shape-out check (results/validation/h100_fit.py; docs/fidelity.md, section 6)
+HOPPER_PARAMS = ("attn_overhead_s", "attn_seq_overhead_s")
+HOPPER_PAGED_DECODE_EFF = 0.91
 
 
 # ------------------------------------------------------------------------------------------------
@@ -143,11 +181,67 @@ def _grid_points(tab):
 
 def load_tables(paths=None, mixed: bool = True) -> list[OpTable]:
     """Every profile's tables; with ``mixed``, also the mixed prefill + decode attention calls that
-    LLMServingSim's attention.csv holds for the same (hardware, model, TP) (no profile table has them)."""
+    LLMServingSim's attention.csv holds for the same (hardware, model, TP) (no profile table has them).
+    With the default profiles, also the compute-bound GEMMs kvprof timed on an H200 (``load_hopper_gemms``)."""
     out = _load_profile_tables(paths)
     if mixed:
         have = {(t.hardware, t.model, t.tp) for t in out}
         out += [t for t in load_mixed_tables() if (t.hardware, t.model, t.tp) in have]
+    if paths is None:
+        out += load_hopper_gemms()
+    return out
+
+
+#: kvprof's H200 GEMM timings (torch 2.11, cuBLAS of CUDA 13) enter the h100 fit where they are
+#: compute-bound, which is where an H200 is an H100 (same SMs, clocks and tensor peaks; only HBM
+#: differs): points whose compute time is at least this multiple of their weight-streaming time at the
+#: H200's bandwidth, and long enough (60 us) to be clear of the eager launch floor of kvprof's timing
+HOPPER_GEMM_COMPUTE_RATIO = 1.5
+HOPPER_GEMM_MIN_S = 60e-6
+HOPPER_GEMM_PROFILES = ("h200__llama-2-7b__tp1.json", "h200__llama-3.1-8b__tp1.json")
+
+
+def load_hopper_gemms() -> list[OpTable]:
+    """The compute-bound points of kvprof's H200 linear tables, as h100 tables (peaks of an H100 SXM,
+    the H200's own bandwidth for the memory term). The imported H100 tables are Vidur's, from an older
+    eager stack whose mid-size GEMMs (128-512 tokens) run up to 1.5x slower than these."""
+    from kvsim.cost.profile import load_profile
+    from kvsim.methods.none import NoCompression
+    from kvsim.specs.hardware import load_hardware
+    from kvsim.specs.model import load_model
+
+    h100, h200 = load_hardware("h100"), load_hardware("h200")
+    out = []
+    for name in HOPPER_GEMM_PROFILES:
+        path = PROFILES_DIR.parent / "kvprof" / name
+        if not path.is_file():
+            continue
+        prof = load_profile(path)
+        model = load_model(prof.model)
+        tp = prof.tensor_parallel_size
+        roof = RooflineCost(model, h200, NoCompression(), tp, RooflineParams())
+        for tname in ("linear.qkv", "linear.o", "linear.mlp", "linear.lm_head"):
+            tab = prof.tables.get(tname)
+            if tab is None:
+                continue
+            op = TABLE_OPS[tname]
+            coords, vals = _grid_points(tab)
+            rows = []
+            for (t,), v in zip(coords, vals):
+                w = roof.linear_works(int(t))[op] if op != "lm_head" else roof.lm_head_work(int(t))
+                compute = w.flops / (h100.fp16_flops * PRIOR["eff_flops"])
+                memory = w.bytes / (h200.mem_bw_bytes_per_s * PRIOR["eff_mem"])
+                if v >= HOPPER_GEMM_MIN_S and compute >= HOPPER_GEMM_COMPUTE_RATIO * memory:
+                    rows.append((t, v, w.flops, w.bytes))
+            if not rows:
+                continue
+            n = len(rows)
+            out.append(OpTable(f"{prof.name} (H200, compute-bound points)", "h100", prof.model, tp, op, "gemm",
+                               np.array([r[1] for r in rows]), np.array([[r[0]] for r in rows], dtype=float),
+                               np.array([r[2] for r in rows]), np.array([r[3] for r in rows]),
+                               np.array([r[0] for r in rows], dtype=float), np.full(n, KERNELS[op], dtype=float),
+                               np.zeros(n), np.zeros(n), model.num_attention_heads / tp, 1, h100.fp16_flops,
+                               h200.mem_bw_bytes_per_s, h100.interconnect_bw_bytes_per_s, np.ones(n, dtype=bool)))
     return out
 
 
@@ -359,9 +453,12 @@ def fit(tables: list[OpTable], base: RooflineParams, free: list[str] | None = No
     lo = np.array([math.log(PARAMS[n][0] + scale.get(n, 0.0)) for n in free])
     hi = np.array([math.log(PARAMS[n][1] + scale.get(n, 0.0)) for n in free])
 
+    prior = np.array([math.log(PRIOR[n] + scale.get(n, 0.0)) for n in free])
+
     def resid(x):
         p = from_x(x)
         parts = [w * (np.log(np.maximum(predict(t, p, sel=t.fit_mask), 1e-12)) - lm) for t, w, lm in zip(tables, weights, logm)]
+        parts.append(PRIOR_WEIGHT * (x - prior))
         return np.concatenate(parts)
 
     x0 = np.clip(to_x(base), lo + 1e-9, hi - 1e-9)
@@ -476,8 +573,77 @@ def apply_skew(default, per_hw, loo_params, skew: dict):
     return default, out_hw, out_loo
 
 
-def run(out_dir=None, write_yaml: Path | None = CALIBRATION_YAML, paths=None, loo: bool = True,
-        progress: bool = False) -> dict:
+def hopper_decode_efficiency(path: Path = HOPPER_DECODE) -> dict | None:
+    """Decode attention on Hopper, from kvprof's contiguous-decode timings: least squares of
+    ``log t = log(a + s B + KV bytes / (W eff))`` over the GPU-bound points (a: the call's fixed time,
+    s: per sequence, B sequences); None if the file is absent."""
+    from scipy.optimize import least_squares
+
+    from kvsim.specs.hardware import load_hardware
+    from kvsim.specs.model import ModelSpec
+
+    if not Path(path).is_file():
+        return None
+    header, pts = None, []
+    for line in Path(path).read_text().splitlines():
+        r = json.loads(line)
+        if r.get("record") == "header":
+            header = r
+        elif r.get("record") == "point" and r.get("median_s"):
+            pts.append(r)
+    spec = header["model_spec"]
+    model = ModelSpec(**{k: v for k, v in spec.items() if k in ModelSpec.__dataclass_fields__})
+    tp = int(header.get("tensor_parallel_size", 1))
+    from kvsim.methods.none import NoCompression
+
+    xs, bs, ys = [], [], []
+    for r in pts:
+        b, kv = r["axes"]["batch_size"], r["axes"]["kv_tokens"]
+        nbytes = NoCompression().decode_attention_work(model, tp, b, b * kv).bytes
+        if nbytes >= HOPPER_DECODE_MIN_BYTES:
+            xs.append(nbytes)
+            bs.append(b)
+            ys.append(r["median_s"])
+    if len(xs) < 4:
+        return None
+    x, bsz, y = np.asarray(xs), np.asarray(bs, dtype=float), np.asarray(ys)
+    bw = load_hardware("h200").mem_bw_bytes_per_s
+
+    def resid(q):
+        return np.log(q[0] * 1e-6 + q[2] * 1e-9 * bsz + x / (bw * q[1])) - np.log(y)
+
+    fit_ = least_squares(resid, [10.0, 0.9, 100.0], bounds=([0.0, 0.05, 0.0], [1000.0, 1.0, 1e5]))
+    err = np.abs(np.exp(fit_.fun) - 1.0) * 100
+    return {"eff_attn_mem": float(fit_.x[1]), "attn_overhead_s": float(fit_.x[0]) * 1e-6,
+            "attn_seq_overhead_s": float(fit_.x[2]) * 1e-9, "points": len(x),
+            "median_abs_pct": float(np.median(err)), "p90_abs_pct": float(np.percentile(err, 90)),
+            "source": str(Path(path).relative_to(PROFILES_DIR.parents[1])) if Path(path).is_relative_to(PROFILES_DIR.parents[1]) else str(path)}
+
+
+def apply_hopper(per_hw: dict, loo_params: dict, hopper: dict | None):
+    """h100 (its fit and its withheld fits) reads the KV cache at the efficiency measured on an H200;
+    h200, with no imported profile, takes the h100 fit (``SAME_DIE``)."""
+    if hopper is not None:
+        kw = {n: float(f"{hopper[n]:.4g}") for n in HOPPER_PARAMS}
+        kw["eff_attn_mem"] = min(HOPPER_PAGED_DECODE_EFF, hopper["eff_attn_mem"])
+        for hw in ("h100",):
+            if hw in per_hw:
+                p, free = per_hw[hw]
+                per_hw[hw] = (replace(p, **kw), [n for n in free if n not in kw] + [f"{n} (H200 kvprof)" for n in HOPPER_PARAMS]
+                              + ["eff_attn_mem (H100 cases, leave-one-shape-out)"])
+        for key, (p, how) in list(loo_params.items()):
+            if key[0] == "h100":
+                loo_params[key] = (replace(p, **kw), how)
+    for hw, same in SAME_DIE.items():
+        if same in per_hw and hw not in per_hw:
+            p, free = per_hw[same]
+            per_hw[hw] = (replace(p, source=f"kvsim calibrate: the {same} fit (same die)"), [f"(the {same} fit)"])
+    return per_hw, loo_params
+
+
+def run(out_dir=None, write_yaml: Path | None = None, paths=None, loo: bool = True, progress: bool = False) -> dict:
+    """Fit, report, and write the calibration file: ``write_yaml``, else ``out_dir/calibration.yaml``
+    (the package's own ``kvsim/cost/calibration.yaml`` only when asked for by path)."""
     tables = load_tables(paths)
     bar = None
     if progress:  # one step for the fit on everything, one per leave-one-out refit (off when not a terminal)
@@ -494,6 +660,8 @@ def run(out_dir=None, write_yaml: Path | None = CALIBRATION_YAML, paths=None, lo
     if bar is not None:
         bar.close()
     default, per_hw, loo_params = apply_skew(default, per_hw, loo_params, load_skew(paths))
+    hopper = hopper_decode_efficiency() if paths is None else None
+    per_hw, loo_params = apply_hopper(per_hw, loo_params, hopper)
     before = RooflineParams()
     rows = []
     for t in tables:
@@ -509,18 +677,22 @@ def run(out_dir=None, write_yaml: Path | None = CALIBRATION_YAML, paths=None, lo
             row.update({"loo_median_abs_pct": lo[0], "loo_p90_abs_pct": lo[1], "loo_mean_pct": lo[2],
                         "loo_params": loo_params[t.pair][1]})
         rows.append(row)
-    result = {"default": default, "per_hw": per_hw, "loo": loo_params, "rows": rows, "tables": tables}
+    result = {"default": default, "per_hw": per_hw, "loo": loo_params, "rows": rows, "tables": tables,
+              "hopper_decode": hopper}
     if out_dir is not None:
         write_outputs(result, Path(out_dir))
+        if write_yaml is None:
+            write_yaml = Path(out_dir) / "calibration.yaml"
     if write_yaml is not None:
         write_calibration_yaml(result, Path(write_yaml))
+        result["yaml"] = Path(write_yaml)
     return result
 
 
 def write_calibration_yaml(result: dict, path: Path) -> None:
     lines = ["# Roofline efficiency terms per hardware, fitted by `kvsim calibrate` (kvsim/cost/calibrate.py) on the",
              "# real-GPU kernel timings in profiles/imported/ (least squares in log time). Regenerate with:",
-             "#     kvsim calibrate --out results/calibration",
+             "#     kvsim calibrate --out results/calibration --yaml kvsim/cost/calibration.yaml",
              "# Not fitted (a priori, kernel timings cannot show them): layer_overhead_s, step_overhead_s.",
              "# 'fitted' lists the parameters this hardware's own data identify; the others are the default's.",
              "# leave_one_out: the same fit with one (hardware, model) pair's profiles withheld (kvsim validate",
@@ -736,21 +908,30 @@ def write_mixed_check(rows: list[dict], out: Path) -> None:
 def register(sub) -> None:
     c = sub.add_parser("calibrate", help="fit the roofline's efficiency terms per hardware on the imported kernel profiles")
     c.add_argument("--profiles", nargs="*", default=None, help="profile JSON files (default: profiles/imported/*.json)")
-    c.add_argument("--out", default="results/calibration", help="where to write errors (CSV, markdown) and a plot")
-    c.add_argument("--yaml", default=str(CALIBRATION_YAML), help="calibration file to write")
-    c.add_argument("--no-write", action="store_true", help="report only; leave the calibration file alone")
+    c.add_argument("--out", default="results/calibration",
+                   help="where to write the fitted calibration.yaml, errors (CSV, markdown) and a plot")
+    c.add_argument("--yaml", default=None,
+                   help="write the calibration file here instead of OUT/calibration.yaml (the one kvsim reads is "
+                        f"{CALIBRATION_YAML.relative_to(CALIBRATION_YAML.parents[2])}; pass that path to replace it)")
+    c.add_argument("--no-write", action="store_true", help="report only; write no calibration file")
     c.add_argument("--no-loo", action="store_true", help="skip the leave-one-out refits")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=_cmd)
 
 
 def _cmd(args) -> int:
-    res = run(args.out, None if args.no_write else Path(args.yaml), args.profiles, loo=not args.no_loo,
-              progress=not args.quiet)
+    res = run(args.out, None if args.yaml is None else Path(args.yaml), args.profiles, loo=not args.no_loo,
+              progress=not args.quiet) if not args.no_write else _run_no_write(args)
     print(format_markdown(res))
     print(f"outputs: {args.out}/operator_errors.csv summary.csv summary.md params.csv fit.png"
-          + ("" if args.no_write else f"; wrote {args.yaml}"))
+          + (f"; wrote {res['yaml']}" if res.get("yaml") else ""))
     return 0
+
+
+def _run_no_write(args) -> dict:
+    res = run(None, None, args.profiles, loo=not args.no_loo)
+    write_outputs(res, Path(args.out))
+    return res
 
 
 __all__ = ["A_PRIORI", "OpTable", "fit", "fit_all", "leave_one_out", "load_tables", "predict", "run", "register"]

@@ -16,7 +16,9 @@ model), ``W`` the peak memory bandwidth, ``X`` the per-GPU interconnect bandwidt
                           attn_ctas tiles leaves the GPU partly idle (wave quantisation)
     all-reduce of S bytes over p GPUs (ring):  t = allreduce_latency_s + 2 (p-1)/p S / (X eff_comm)
                           or, where the hardware spec has a figure for its machine's collectives (one
-                          ring step: bandwidth C, latency c): t = 2 (p-1) (c + S / (p C))
+                          ring step: bandwidth C, latency c): t = 2 (p-1) (c + S / (p C)),
+                          or, where it has vLLM's own NVLink all-reduce (one shot latency a, per-GPU
+                          read bandwidth A): t = min(a + (p-1) S / A, 2 a + 2 (p-1)/p S / A)
     decodes of unequal context: t = t_attn(mean) + alpha (t_attn(max) - t_attn(mean)), where t_attn(x)
                           is the attention of the same batch with every decode at x kept tokens and
                           alpha = attn_skew_decode (pure decode call) or attn_skew_mixed (decodes as
@@ -51,7 +53,7 @@ weight/activation element:
   S (h + E) b and a reduce-scatter of S h b bytes a rank, (e-1) (c + S (h + E) b / C) + (e-1) (c + S h b / C)
   with the machine's figure (the ring; exact for 2 ranks, whose two shares cross the link at once),
   else 2 allreduce_latency_s + (e-1) S (2h + E) b / (X eff_comm)
-- other (element-wise, 4 kernels: 2 fused add+RMSNorm, rotary, the rest): B T (8 h + 2 (q + 2k)) b
+- other (element-wise, 3 kernels as vLLM runs them: 2 fused add+RMSNorm, rotary): B T (8 h + 2 (q + 2k)) b
 - attention: from the compression method (``Method.prefill_attention_work`` /
   ``decode_attention_work`` and the ``*_extra_work`` hooks), so each method's kernel path is costed.
   A step that prefills runs all its attention as one variable-length prefill call (vLLM V1), so its
@@ -86,7 +88,7 @@ from kvsim.specs.hardware import HardwareSpec
 from kvsim.specs.model import ModelSpec
 
 #: kernels launched per operation (each pays ``kernel_overhead_s``)
-KERNELS = {"qkv": 1, "o": 1, "mlp": 3, "moe": 6, "other": 4, "lm_head": 1, "attention": 2,
+KERNELS = {"qkv": 1, "o": 1, "mlp": 3, "moe": 6, "other": 3, "lm_head": 1, "attention": 2,
            "embedding": 1, "final_norm": 1, "sampler": 6}
 
 
@@ -225,6 +227,9 @@ class RooflineCost(CostModel):
         # figure (a PCIe box, where NCCL may stage data through host memory) is used as it stands
         self._step_bw = hardware.collective_bw_bytes_per_s
         self._step_lat = hardware.collective_latency_s
+        # vLLM's own NVLink all-reduce (one-/two-shot kernels in the step's CUDA graph), where published
+        self._ar_bw = getattr(hardware, "allreduce_bw_bytes_per_s", None)
+        self._ar_lat = getattr(hardware, "allreduce_latency_s", None)
         self._ko = pr.kernel_overhead_s
         self._half = pr.gemm_half_tokens
         self._dense_cache: dict[int, float] = {}
@@ -276,6 +281,12 @@ class RooflineCost(CostModel):
         """One ring all-reduce of ``nbytes`` over ``group`` GPUs."""
         if group <= 1:
             return 0.0
+        if self._ar_bw:
+            # vLLM's custom all-reduce: one shot (read the p-1 peers' buffers and sum) or two shots
+            # (reduce-scatter, all-gather), whichever is faster at this size
+            one = self._ar_lat + (group - 1) * nbytes / self._ar_bw
+            two = 2.0 * self._ar_lat + 2.0 * (group - 1) / group * nbytes / self._ar_bw
+            return one if one < two else two
         if self._step_bw:
             # ring: reduce-scatter then all-gather, 2 (p-1) steps of S/p bytes, each paying the latency
             return 2.0 * (group - 1) * (self._step_lat + nbytes / group / self._step_bw)

@@ -5,6 +5,12 @@ the duration in between. A stretch of pure decode steps during which no scheduli
 (no arrival, no completion, no block shortage, nobody admissible) is planned and committed in one go
 (``fast-forward``); it computes the same step times, in the same order, as stepping one by one, so the
 results are identical (tests/test_fast_forward.py).
+
+Asynchronous scheduling (vLLM's ``--async-scheduling``, its default since 0.14): the engine schedules
+step n+1 as soon as step n is launched, so a request that arrives while step n runs is first seen when
+step n+2 is scheduled. Such arrivals wait in ``incoming`` and are handed to the scheduler at the
+``begin`` whose previous step started after them; when nothing else could run, at once (vLLM then has
+no step n+1 in flight and schedules the request as soon as step n ends).
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ class PendingStep:
 class Replica:
     def __init__(self, replica_id: int, scheduler: Scheduler, kv: KVCacheManager, cost: CostModel,
                  recorder: Recorder, max_model_len: int, fast_forward: bool = True,
-                 reject_over_budget_prompts: bool = False):
+                 reject_over_budget_prompts: bool = False, async_scheduling: bool = False):
         self.id = replica_id
         self.scheduler = scheduler
         self.kv = kv
@@ -62,6 +68,12 @@ class Replica:
         #: the most KV bytes this replica's sequences held at once, and the most the full cache would have
         self.peak_kv_held_bytes = 0.0
         self.peak_kv_full_bytes = 0.0
+        self.async_scheduling = async_scheduling
+        #: async scheduling: requests that arrived while a step ran, not yet seen by the scheduler
+        self.incoming: list[Sequence] = []
+        #: start and end of the last step committed (a stretch's last step)
+        self._last_start_s = -float("inf")
+        self._last_end_s = -float("inf")
 
     # -- arrivals -----------------------------------------------------------------------------------
     def add(self, seq: Sequence) -> str | None:
@@ -74,12 +86,31 @@ class Replica:
         if self.reject_over_budget_prompts and seq.prompt_tokens > self.scheduler.max_num_batched_tokens:
             return "prompt_exceeds_max_num_batched_tokens"
         self.outstanding_tokens += seq.prompt_tokens + seq.output_tokens
-        self.scheduler.add(seq)
+        if self.async_scheduling and self.pending is not None:
+            self.incoming.append(seq)
+        else:
+            self.scheduler.add(seq)
         return None
 
     @property
     def busy(self) -> bool:
-        return bool(self.scheduler.running or self.scheduler.waiting)
+        return bool(self.scheduler.running or self.scheduler.waiting or self.incoming)
+
+    def _admit_incoming(self, now: float, everyone: bool = False) -> None:
+        """Async scheduling: hand over the arrivals the scheduler of this step has seen, i.e. those that
+        came before the previous step started (that step's launch is when this one was scheduled), or
+        all of them when the engine was idle before ``now`` or ``everyone``."""
+        if everyone or self._last_end_s != now:
+            cut = float("inf")
+        else:
+            cut = self._last_start_s
+        keep = []
+        for s in self.incoming:
+            if s.arrival_s <= cut:
+                self.scheduler.add(s)
+            else:
+                keep.append(s)
+        self.incoming = keep
 
     # -- one step or one stretch ----------------------------------------------------------------------
     def begin(self, now: float, horizon_s: float = float("inf")) -> PendingStep | None:
@@ -88,12 +119,21 @@ class Replica:
         ``horizon_s`` is the next arrival anywhere: a stretch never runs a step that starts at or after it.
         """
         sched = self.scheduler
+        if self.incoming:
+            self._admit_incoming(now)
         plan = sched.schedule()
         if sched.dropped:
             self._reject_dropped()
+        if not plan.scheduled and self.incoming:
+            # nothing was runnable when this step would have been scheduled: vLLM had no step in
+            # flight and schedules the new requests as soon as the last step ended
+            self._admit_incoming(now, everyone=True)
+            plan = sched.schedule()
+            if sched.dropped:
+                self._reject_dropped()
         if not plan.scheduled:
             return None
-        if (self.fast_forward and plan.pure_decode and not plan.preempted
+        if (self.fast_forward and plan.pure_decode and not plan.preempted and not self.incoming
                 and len(plan.scheduled) == len(sched.running) and sched.admission_blocked()):
             self.pending = self._plan_stretch(now, plan, horizon_s)
             return self.pending
@@ -304,6 +344,8 @@ class Replica:
         """Apply the pending step at its end time; returns the sequences that finished."""
         p, self.pending = self.pending, None
         t = p.end_s
+        self._last_end_s = t
+        self._last_start_s = p.ff_ends[-2] if p.ff_steps > 1 else p.start_s
         rec, kv, sched = self.rec, self.kv, self.scheduler
         finished = []
         if p.ff_steps:

@@ -12,6 +12,8 @@ YAML layout (one mapping per GPU, plus an optional top-level ``aliases`` mapping
       interconnect_gb_s: 450   # GPU-to-GPU, one direction, per GPU
       collective_gb_s: 17.18   # optional, with collective_latency_us: one ring step of a collective
       collective_latency_us: 20  #   between two GPUs of the machine, as measured or modelled there
+      allreduce_gb_s: 375      # optional, with allreduce_latency_us: vLLM's own all-reduce kernels over
+      allreduce_latency_us: 6  #   NVLink (one-shot / two-shot), as published for this GPU in a CUDA graph
       sources: {memory_gb: "...", ...}   # one entry per figure
     aliases:
       h100-sxm: h100
@@ -20,6 +22,13 @@ YAML layout (one mapping per GPU, plus an optional top-level ``aliases`` mapping
 fitted ``eff_comm`` in the cost of collectives (``kvsim.cost.roofline``). That efficiency is fitted on
 NCCL timings over NVLink; a PCIe machine, where NCCL may not use peer-to-peer and stages data through
 host memory, is not that link at a lower speed, so where a figure for the machine exists it is used as is.
+
+``allreduce_gb_s`` / ``allreduce_latency_us`` (both or neither) describe the all-reduce vLLM itself runs
+between GPUs joined by NVLink: its custom one-shot kernel (each GPU reads its p-1 peers' buffers and
+sums, ``a + (p-1) S / B``) or, for larger messages, a two-shot one (reduce-scatter then all-gather,
+``2a + 2 (p-1)/p S / B``), whichever is faster, inside the step's CUDA graph. Decode messages are tens
+to hundreds of KB, where NCCL's ring (the tables ``eff_comm`` is fitted on, timed outside CUDA graphs)
+is latency-bound and several times slower.
 
 ``fp8_flops == 0`` means the GPU has no FP8 tensor cores; callers fall back to the fp16 peak
 (``kvsim.cost.roofline`` does). ``supports_fp8`` says so explicitly.
@@ -39,7 +48,8 @@ GIB = 1024**3
 #: the figures every entry must carry, each with a source
 FIGURE_KEYS = ("memory_gb", "mem_bw_gb_s", "fp16_tflops", "fp8_tflops", "fp32_tflops", "interconnect_gb_s")
 #: figures an entry may carry, each then with a source
-OPTIONAL_FIGURE_KEYS = ("memory_bytes", "collective_gb_s", "collective_latency_us")
+OPTIONAL_FIGURE_KEYS = ("memory_bytes", "collective_gb_s", "collective_latency_us", "allreduce_gb_s",
+                        "allreduce_latency_us")
 _RESERVED = ("aliases",)
 
 
@@ -61,6 +71,10 @@ class HardwareSpec:
     #: figure for the machine exists; None: the cost model uses interconnect x its fitted efficiency
     collective_bw_bytes_per_s: float | None = None
     collective_latency_s: float | None = None
+    #: vLLM's one-/two-shot all-reduce over NVLink in a CUDA graph (per-GPU read bandwidth from peers,
+    #: and the latency of one shot), where published for this GPU; None: the NCCL ring model
+    allreduce_bw_bytes_per_s: float | None = None
+    allreduce_latency_s: float | None = None
 
     @property
     def supports_fp8(self) -> bool:
@@ -132,6 +146,15 @@ def load_hardware(name: str) -> HardwareSpec:
         coll_bw, coll_lat = num("collective_gb_s") * 1e9, num("collective_latency_us") * 1e-6
         if coll_bw == 0:
             raise ConfigError(f"{where}: collective_gb_s = {e['collective_gb_s']!r} must be positive")
+    pair = [k for k in ("allreduce_gb_s", "allreduce_latency_us") if k in e]
+    if len(pair) == 1:
+        raise ConfigError(f"{where}: {pair[0]} = {e[pair[0]]!r} needs its pair "
+                          "(allreduce_gb_s and allreduce_latency_us go together)")
+    ar_bw = ar_lat = None
+    if pair:
+        ar_bw, ar_lat = num("allreduce_gb_s") * 1e9, num("allreduce_latency_us") * 1e-6
+        if ar_bw == 0:
+            raise ConfigError(f"{where}: allreduce_gb_s = {e['allreduce_gb_s']!r} must be positive")
     return HardwareSpec(
         name=key,
         memory_bytes=memory,
@@ -143,4 +166,6 @@ def load_hardware(name: str) -> HardwareSpec:
         sources=dict(e.get("sources") or {}),
         collective_bw_bytes_per_s=coll_bw,
         collective_latency_s=coll_lat,
+        allreduce_bw_bytes_per_s=ar_bw,
+        allreduce_latency_s=ar_lat,
     )

@@ -203,6 +203,8 @@ class ModelSpec:
 UPSTREAM = {
     "llama-2-7b": "meta-llama/Llama-2-7b-hf",
     "llama-2-13b": "meta-llama/Llama-2-13b-hf",
+    "llama-2-70b": "meta-llama/Llama-2-70b-hf",
+    "codellama-34b": "codellama/CodeLlama-34b-hf",
     "llama-3-8b": "meta-llama/Meta-Llama-3-8B",
     "llama-3.1-8b": "meta-llama/Llama-3.1-8B",
     "llama-3.1-70b": "meta-llama/Llama-3.1-70B",
