@@ -299,8 +299,10 @@ def test_an_interrupted_replay_leaves_the_previous_outputs_untouched(tmp_path, m
                 raise KeyboardInterrupt
             yield r
 
-    real_open = api.open_trace
-    monkeypatch.setattr(api, "open_trace", lambda *a, **k: interrupted(real_open(*a, **k)))
+    import kvsim.replay
+
+    real_open = kvsim.replay.open_trace
+    monkeypatch.setattr(kvsim.replay, "open_trace", lambda *a, **k: interrupted(real_open(*a, **k)))
     with pytest.raises(KeyboardInterrupt):
         api.replay(str(SAMPLE), limit=40, out_dir=out, auto_profile=False)
     assert outputs(out) == before and sorted(p.name for p in out.iterdir()) == sorted(before)
@@ -313,14 +315,14 @@ def test_a_killed_replay_leaves_the_previous_outputs_untouched(tmp_path):
     before = outputs(out)
     killer = textwrap.dedent("""
         import os, signal, sys
-        from kvsim import api
-        real = api.open_trace
+        from kvsim import replay
+        real = replay.open_trace
         def dying(*a, **k):
             for i, r in enumerate(real(*a, **k)):
                 if i == 20:
                     os.kill(os.getpid(), signal.SIGKILL)  # mid-run, after rows were written
                 yield r
-        api.open_trace = dying
+        replay.open_trace = dying
         from kvsim.cli import main
         main(["replay", sys.argv[1], "--out", sys.argv[2], "--quiet"])
     """)

@@ -410,7 +410,7 @@ def test_format_detection_error_names_the_flag(tmp_path, capsys):
 
 
 def test_progress_total_counts_a_last_line_without_newline(tmp_path):
-    from kvsim.api import _count_lines
+    from kvsim.replay import _count_lines
 
     p = tmp_path / "t.jsonl"
     p.write_text('{"a": 1}\n{"a": 2}')

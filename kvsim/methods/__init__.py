@@ -22,7 +22,7 @@ def _discover() -> dict[str, type[Method]]:
         # fill a local dict first: a module that fails to import must not leave a partial registry behind
         found: dict[str, type[Method]] = {}
         for info in pkgutil.iter_modules(__path__):
-            if info.name in ("base", "listing"):
+            if info.name in ("base", "impl"):
                 continue
             mod = importlib.import_module(f"{__name__}.{info.name}")
             for obj in vars(mod).values():
