@@ -106,9 +106,9 @@ def write_table(rows: list[dict], csv_path: Path, md_path: Path) -> None:
 
 
 def plot_compare(rows: list[dict], png: Path) -> None:
-    from kvsim.metrics.plots import _plt
+    from kvsim.metrics.plots import pyplot
 
-    plt = _plt()
+    plt = pyplot()
     names = [short_label(r["method"]) for r in rows]
     panels = [("output_throughput", "output tok/s"), ("ttft_ms_p99", "p99 TTFT (ms)"),
               ("tpot_ms_p50", "p50 TPOT (ms)"), ("e2el_ms_p99", "p99 E2EL (ms)"),

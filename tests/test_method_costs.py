@@ -17,7 +17,7 @@ from kvsim.cost import method_fit as mf
 from kvsim.cost.base import StepShape
 from kvsim.cost.engines import engine_params
 from kvsim.cost.roofline import RooflineCost
-from kvsim.cost.work import Work
+from kvsim.work import Work
 from kvsim.errors import ConfigError
 from kvsim.methods import all_methods, parse_method
 from kvsim.methods.base import Method

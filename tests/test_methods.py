@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from kvsim.cost.work import Work
+from kvsim.work import Work
 from kvsim.errors import ConfigError
 from kvsim.methods import all_methods, make_method, parse_method, parse_method_list
 from kvsim.methods.base import LengthRatio, length_ratio_from_tail_shares

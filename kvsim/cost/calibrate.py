@@ -796,9 +796,9 @@ def write_outputs(result: dict, out: Path) -> None:
 
 def plot_fit(result: dict, path: Path) -> None:
     """Predicted against measured time, every point, per hardware (after calibration)."""
-    from kvsim.metrics.plots import _plt
+    from kvsim.metrics.plots import pyplot
 
-    plt = _plt()
+    plt = pyplot()
     hws = sorted(result["per_hw"])
     fig, axes = plt.subplots(1, len(hws), figsize=(4 * len(hws), 4), squeeze=False)
     for ax, hw in zip(axes[0], hws):

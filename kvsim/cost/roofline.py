@@ -82,7 +82,7 @@ from importlib import resources
 import yaml
 
 from kvsim.cost.base import CostModel, StepShape
-from kvsim.cost.work import Work
+from kvsim.work import Work
 from kvsim.methods.base import Method
 from kvsim.specs.hardware import HardwareSpec
 from kvsim.specs.model import ModelSpec

@@ -114,9 +114,9 @@ def format_case_md(res: CaseResult) -> str:
 
 
 def plot_case(res: CaseResult, path: Path) -> None:
-    from kvsim.metrics.plots import _plt
+    from kvsim.metrics.plots import pyplot
 
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(2, 3, figsize=(13, 7.5))
     for ax, k in zip(axes[0], METRICS):
         m = np.sort([j[f"measured_{k}"] for j in res.joined if j[f"measured_{k}"] is not None and not math.isnan(j[f"measured_{k}"])])
@@ -151,9 +151,9 @@ def plot_case(res: CaseResult, path: Path) -> None:
 
 def plot_queue(res: CaseResult, path: Path) -> None:
     """Running and waiting requests over time: the real engine's stat logger against kvsim's timeline."""
-    from kvsim.metrics.plots import _plt
+    from kvsim.metrics.plots import pyplot
 
-    plt = _plt()
+    plt = pyplot()
     meas = list(csv.DictReader(open(res.case.timeseries_csv)))
     sim = list(csv.DictReader(open(path.parent / "timeline.csv")))
     fig, axes = plt.subplots(2, 1, figsize=(9, 6), sharex=True)

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from kvsim.cost.roofline import RooflineCost
-from kvsim.cost.work import ZERO
+from kvsim.work import ZERO
 from kvsim.methods import parse_method
 from kvsim.specs import load_hardware, load_model
 
