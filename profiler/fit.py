@@ -120,10 +120,13 @@ def fit(raw, name: str | None = None, hardware: str | None = None, step_overhead
     methods = dict(header.get("methods") or {})
     for s in sessions:
         methods.update(s.get("methods") or {})
-    from profiler.kernels.grid import KERNEL_IMPLEMENTATIONS
+    recorded = header.get("implementations") or {}
+    if any(m not in recorded for m in methods):
+        from profiler.methods import implementation
 
-    # raw files written before the header recorded it: the kernels then were the same ones
-    impls = {m: (header.get("implementations") or {}).get(m, KERNEL_IMPLEMENTATIONS.get(m)) for m in methods}
+        # raw files written before the header recorded it: the kernels then were the same ones
+        recorded = {m: recorded[m] if m in recorded else implementation(m) for m in methods}
+    impls = {m: recorded[m] for m in methods}
     profile = {
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,

@@ -106,8 +106,9 @@ def parse_method(spec: "str | dict | Method") -> Method:
     return make_method(name.strip(), **knobs)
 
 
-def parse_method_list(text: str) -> list[Method]:
-    """Comma-separated specs where a new spec starts at a token without '=' (``none,h2o:budget=512,window=32,fp8``)."""
+def split_method_list(text: str) -> list[str]:
+    """Comma-separated specs where a new spec starts at a token without '=' (``none,h2o:budget=512,window=32,fp8``
+    -> ``["none", "h2o:budget=512,window=32", "fp8"]``)."""
     specs: list[str] = []
     for tok in (t.strip() for t in text.split(",")):
         if not tok:
@@ -118,7 +119,12 @@ def parse_method_list(text: str) -> list[Method]:
             specs.append(tok)
     if not specs:
         raise ConfigError(f"method list {text!r} names no method; e.g. none,fp8,kivi:bits=2")
-    return [parse_method(s) for s in specs]
+    return specs
 
 
-__all__ = ["Method", "LengthRatio", "all_methods", "make_method", "parse_method", "parse_method_list"]
+def parse_method_list(text: str) -> list[Method]:
+    """Comma-separated specs (:func:`split_method_list`), each parsed."""
+    return [parse_method(s) for s in split_method_list(text)]
+
+
+__all__ = ["Method", "LengthRatio", "all_methods", "make_method", "parse_method", "parse_method_list", "split_method_list"]
