@@ -37,7 +37,7 @@ from conftest import TINY, make_request, small_config
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "traces" / "sample.jsonl"
 SHARED = REPO.parent / "shared"
-PROFILE_4090 = REPO / "profiles" / "imported" / "rtx-4090__llama-3.1-8b__tp1.json"
+PROFILE_4090 = REPO / "kvsim" / "profiles" / "imported" / "rtx-4090__llama-3.1-8b__tp1.json"
 POSIX_FORK = hasattr(os, "fork") and sys.platform != "darwin"
 TIMEOUT_S = 120  # a loaded 2-core machine can be slow; every wait polls up to this long
 
@@ -365,7 +365,7 @@ def test_a_profile_of_another_model_gpu_or_tp_is_refused():
         spec = api.make_spec("qwen3-32b", "h100", None, profile=PROFILE_4090, allow_profile_mismatch=True)
     assert spec.profile.model == "llama-3.1-8b"
     # a lengths-only profile (no kernel tables) supplies output lengths to any model, as docs/lengths.md says
-    lengths = REPO / "profiles" / "lengths" / "smollm2-135m-instruct.json"
+    lengths = REPO / "kvsim" / "profiles" / "lengths" / "smollm2-135m-instruct.json"
     assert api.make_spec("llama-3.1-8b", "h100", None, profile=lengths).profile.tables == {}
 
 

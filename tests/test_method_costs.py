@@ -280,7 +280,7 @@ def test_single_point_json_keeps_its_shape(capsys):
 
 # -- the kvprof H200 profiles: which implementation they timed, and when kvsim uses them ----------------
 
-KVPROF = ROOT / "profiles" / "kvprof" / "h200__llama-2-7b__tp1.json"
+KVPROF = ROOT / "kvsim" / "profiles" / "kvprof" / "h200__llama-2-7b__tp1.json"
 
 
 def test_kvprof_profiles_are_not_picked_without_being_asked():

@@ -10,7 +10,7 @@ def register(sub) -> None:
     from kvsim.cost.calibrate import CALIBRATION_YAML
 
     c = sub.add_parser("calibrate", help="fit the roofline's efficiency terms per hardware on the imported kernel profiles")
-    c.add_argument("--profiles", nargs="*", default=None, help="profile JSON files (default: profiles/imported/*.json)")
+    c.add_argument("--profiles", nargs="*", default=None, help="profile JSON files (default: kvsim/profiles/imported/*.json)")
     c.add_argument("--out", default="results/calibration",
                    help="where to write the fitted calibration.yaml, errors (CSV, markdown) and a plot")
     c.add_argument("--yaml", default=None,

@@ -152,7 +152,7 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
                    "calibration) or a fitted one such as lmdeploy-0.6 (docs/method-costs.md) (default: vllm)")
     p.add_argument("--lengths", default="auto", metavar="auto|published|trace|PROFILE",
                    help="output-length source under compression: auto = a kvprof lengths measurement made on this "
-                        "model (profiles/lengths/), else the method's published figure; published = always the "
+                        "model (kvsim/profiles/lengths/), else the method's published figure; published = always the "
                         "published figure; trace = the trace's lengths unchanged; PROFILE = this kvprof lengths file, "
                         "for any model. Lengths are cut at max_tokens and max_model_len (default: auto)")
     p.add_argument("--allow-profile-mismatch", action="store_true",

@@ -100,7 +100,9 @@ class Point:
 
 
 def default_data_path() -> Path:
-    return Path(__file__).resolve().parents[2].parent / "shared" / "reference" / "seed-lmdeploy" / "throughput.csv"
+    from kvsim.resources import shared_dir
+
+    return shared_dir() / "reference" / "seed-lmdeploy" / "throughput.csv"
 
 
 def load_points(path) -> list[Point]:

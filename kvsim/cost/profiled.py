@@ -10,8 +10,9 @@ from pathlib import Path
 
 from kvsim.cost.base import CostModel, StepShape
 from kvsim.cost.roofline import RooflineCost
+from kvsim.resources import profiles_dir
 
-PROFILES_ROOT = Path(__file__).resolve().parents[2] / "profiles"
+PROFILES_ROOT = profiles_dir()
 
 
 def profile_candidates(model: str, hardware: str, tp: int, root: Path | None = None) -> list[Path]:
@@ -37,7 +38,7 @@ def find_profile(model: str, hardware: str, tp: int):
 
 @lru_cache(maxsize=1)
 def length_profiles():
-    """The committed ``kvprof lengths`` profiles (``profiles/lengths/*.json``), loaded once. Which one a run
+    """The committed ``kvprof lengths`` profiles (``kvsim/profiles/lengths/*.json``), loaded once. Which one a run
     uses is decided in kvsim.engine.output_length.choose_length_ratio."""
     from kvsim.cost.profile import load_profile
 

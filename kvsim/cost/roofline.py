@@ -67,7 +67,7 @@ weight/activation element:
   scheduling). Kernel timings cannot show them, so they are set a priori (README, "Calibration").
 
 The efficiency terms live in :class:`RooflineParams`. ``kvsim/cost/calibration.yaml`` holds values
-fitted per hardware by ``kvsim calibrate`` on the real-GPU kernel timings in ``profiles/imported/``
+fitted per hardware by ``kvsim calibrate`` on the real-GPU kernel timings in ``kvsim/profiles/imported/``
 (a ``default`` entry, fitted across all of them, serves hardware without a fit); the generic defaults
 below are used only when that file is missing.
 """

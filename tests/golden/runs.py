@@ -67,7 +67,7 @@ RUNS: dict[str, list[str]] = {
                                   "--tensor-parallel-size", "2"),
     "replay_profile_4090": _replay(SAMPLE, "--limit", "150", "--hardware", "rtx-4090", "--method", "snapkv"),
     "replay_profile_h200_kvprof": _replay(SAMPLE, "--limit", "150", "--hardware", "h200", "--method", "kivi:bits=4",
-                                          "--profile", "profiles/kvprof/h200__llama-3.1-8b__tp1.json"),
+                                          "--profile", "kvsim/profiles/kvprof/h200__llama-3.1-8b__tp1.json"),
     "replay_replicas_rr": _replay(SAMPLE, "--num-replicas", "3", "--router", "round-robin", "--rate-scale", "4"),
     "replay_replicas_lot": _replay(SAMPLE, "--num-replicas", "2", "--rate-scale", "4", "--method", "streamingllm"),
     "replay_dp_ep_lockstep": _replay(SAMPLE, "--limit", "200", "--model", "qwen3-30b-a3b", "--hardware",
