@@ -15,6 +15,7 @@ from pathlib import Path
 
 import yaml
 
+from kvsim.coerce import annotation_type, coerce
 from kvsim.errors import ConfigError
 
 GIB = 1024**3
@@ -150,29 +151,13 @@ DESCRIPTIVE_KEYS = {
 }
 
 
-def _coerce(key: str, value, source: str):
-    typ = FIELDS[key].type
-    if value is None:
-        return None
-    want_bool = "bool" in str(typ)
-    want_int = "int" in str(typ) and not want_bool
-    want_float = "float" in str(typ)
-    if want_bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false"):
-            return value.lower() == "true"
-        raise ConfigError(f"{source}: key {key!r}: value {value!r} is not true/false")
-    if want_int:
-        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and value.strip().lstrip("-").isdigit())):
-            raise ConfigError(f"{source}: key {key!r}: value {value!r} is not an integer")
-        return int(value)
-    if want_float:
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{source}: key {key!r}: value {value!r} is not a number") from None
-    return str(value)
+def coerce_option(key: str, value, source: str):
+    """An engine option's value in its declared type (kvsim.coerce); a ConfigError naming the source,
+    key and value when it is not one."""
+    try:
+        return coerce(value, annotation_type(FIELDS[key].type))
+    except ValueError as e:
+        raise ConfigError(f"{source}: key {key!r}: value {value!r} is not {e}") from None
 
 
 def config_from_mapping(data: dict, source: str = "config", base: EngineConfig | None = None) -> tuple[EngineConfig, dict]:
@@ -188,7 +173,7 @@ def config_from_mapping(data: dict, source: str = "config", base: EngineConfig |
             extra[key] = value
             continue
         if key in FIELDS:
-            known[key] = _coerce(key, value, source)
+            known[key] = coerce_option(key, value, source)
         elif key in DESCRIPTIVE_KEYS:
             extra[key] = value
         else:

@@ -139,3 +139,41 @@ def test_the_module_map_in_the_docs_matches_the_code():
     real = {r for r in real if not r.endswith("__main__.py")}
     assert not sorted(real - named), f"modules the map does not name: {sorted(real - named)}"
     assert not sorted(named - real), f"the map names modules that do not exist: {sorted(named - real)}"
+
+
+#: a sequence's block state (kvsim.engine.sequence): only the KV cache manager and the block pool write it
+BLOCK_STATE = ("blocks", "shared_hashes", "reserved", "hash_keys")
+KV_OWNERS = {"kvsim.engine.kv_cache_manager", "kvsim.engine.block_manager", "kvsim.engine.sequence"}
+
+
+def test_only_the_kv_cache_manager_writes_block_state():
+    bad = []
+    for name, path in modules().items():
+        if name in KV_OWNERS:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(
+                node, (ast.AugAssign, ast.AnnAssign)) else []
+            for t in targets:
+                if isinstance(t, ast.Attribute) and t.attr in BLOCK_STATE and not (
+                        isinstance(t.value, ast.Name) and t.value.id == "self"):
+                    bad.append(f"{name}:{node.lineno}: {ast.unparse(t)}")
+    assert not bad, "\n".join(bad)
+
+
+def test_no_module_reaches_into_the_kv_pool_or_the_simpy_internals():
+    """The KV manager's capacity is read through its public methods; SimPy's private attributes only in
+    kvsim.engine.clock (simpy pinned to the range tests/test_clock.py runs)."""
+    bad = []
+    simpy_private = re.compile(r"\.(_queue|_eid|_now|_target|_resume|_ok|_value)\b")
+    for name, path in modules().items():
+        if not name.startswith("kvsim"):
+            continue
+        text = path.read_text()
+        if name != "kvsim.engine.kv_cache_manager" and re.search(r"\bkv\.pool\b", text):
+            bad.append(f"{name}: kv.pool")
+        if name != "kvsim.engine.clock" and simpy_private.search(text):
+            bad.append(f"{name}: {simpy_private.search(text).group(0)}")
+        for m in re.finditer(r"\bkv\._\w+", text):
+            bad.append(f"{name}: {m.group(0)}")
+    assert not bad, "\n".join(bad)

@@ -216,11 +216,11 @@ def format_model(name: str) -> str:
 
 
 def _aliases_hw(name: str) -> list[str]:
-    return sorted(a for a, c in _hw._aliases().items() if c == name)
+    return sorted(a for a, c in _hw.hardware_aliases().items() if c == name)
 
 
 def format_hardware() -> str:
-    table = _hw._table()
+    table = _hw.hardware_table()
     rows = []
     for name in _hw.known_hardware():
         h = _hw.load_hardware(name)
@@ -239,7 +239,7 @@ def format_hardware() -> str:
 
 def format_hardware_one(name: str) -> str:
     h = _hw.load_hardware(name)
-    entry = _hw._table()[h.name]
+    entry = _hw.hardware_table()[h.name]
     lines = [f"{h.name}: {entry.get('product', '')}", f"aliases: {', '.join(_aliases_hw(h.name)) or '-'}", ""]
     for key in (*_hw.FIGURE_KEYS, *_hw.OPTIONAL_FIGURE_KEYS):
         if key in entry:

@@ -152,6 +152,11 @@ def _calibration_table() -> dict:
     return yaml.safe_load(text) or {}
 
 
+def reload_calibration() -> None:
+    """Read calibration.yaml again on next use (after ``kvsim calibrate`` rewrote it)."""
+    _calibration_table.cache_clear()
+
+
 def params_from_entry(entry: dict, source: str | None = None) -> RooflineParams:
     known = {f.name for f in fields(RooflineParams)}
     kw = {}

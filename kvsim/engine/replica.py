@@ -51,7 +51,7 @@ class Replica:
         self.kv_full_byte_s = 0.0
         self._kv_held_now = 0.0
         self._kv_full_now = 0.0
-        self._kv_last_s = 0.0
+        self.kv_last_s = 0.0
         #: the most KV bytes this replica's sequences held at once, and the most the full cache would have
         self.peak_kv_held_bytes = 0.0
         self.peak_kv_full_bytes = 0.0
@@ -275,7 +275,7 @@ class Replica:
         start = p.start_s
         keeps_all = kv.keeps_all
         # between the last step and this one (an idle replica holds nothing)
-        gap = start - self._kv_last_s
+        gap = start - self.kv_last_s
         if gap > 0:
             self.kv_held_byte_s += self._kv_held_now * gap
             self.kv_full_byte_s += self._kv_full_now * gap
@@ -322,7 +322,7 @@ class Replica:
             f_held = f_full if keeps_all else sum(self.method.kept_tokens(s.prefill_base, s.num_computed) for s in fin)
             held -= f_held * bpt + len(fin) * extra
             full -= f_full * full_bpt
-        self._kv_held_now, self._kv_full_now, self._kv_last_s = held, full, t
+        self._kv_held_now, self._kv_full_now, self.kv_last_s = held, full, t
 
     def truncate(self, t_s: float) -> bool:
         """A request arrived here at ``t_s`` during a fast-forward stretch: keep only the steps up to

@@ -11,6 +11,7 @@ import importlib
 import pkgutil
 import typing
 
+from kvsim.coerce import coerce
 from kvsim.errors import ConfigError, UnknownNameError
 from kvsim.methods.base import LengthRatio, Method
 
@@ -40,30 +41,12 @@ def all_methods() -> dict[str, type[Method]]:
 
 
 def _coerce(cls: type[Method], knob: str, raw, spec: str):
-    hints = typing.get_type_hints(cls)
-    typ = hints.get(knob)
-    if isinstance(raw, str) and typ is not str:
-        try:
-            if typ is bool:
-                if raw.lower() not in ("true", "false", "1", "0"):
-                    raise ValueError(raw)
-                return raw.lower() in ("true", "1")
-            if typ is int:
-                return int(raw)
-            if typ is float:
-                return float(raw)
-        except ValueError:
-            raise ConfigError(f"method spec {spec!r}: knob {knob}={raw!r} is not a valid {typ.__name__}") from None
-    # values that arrive typed (YAML, dict specs, the Python API): accept an integral float for an int knob
-    # and an int for a float knob, refuse the rest so spec_string() round-trips
-    if typ is int and not isinstance(raw, bool):
-        if isinstance(raw, float) and raw.is_integer():
-            return int(raw)
-        if not isinstance(raw, int):
-            raise ConfigError(f"method spec {spec!r}: knob {knob}={raw!r} is not a valid int")
-    if typ is float and not isinstance(raw, bool) and isinstance(raw, int):
-        return float(raw)
-    return raw
+    """A knob's value in its declared type (kvsim.coerce, the rule engine options follow too)."""
+    typ = typing.get_type_hints(cls).get(knob)
+    try:
+        return coerce(raw, typ)
+    except ValueError:
+        raise ConfigError(f"method spec {spec!r}: knob {knob}={raw!r} is not a valid {typ.__name__}") from None
 
 
 def make_method(name: str, **knobs) -> Method:

@@ -104,10 +104,10 @@ def _check_value(key: str, val, where: str) -> None:
         except ConfigError as e:
             raise ConfigError(f"{where}: {e}") from None
     elif key in ENGINE_FIELDS:
-        from kvsim.config import _coerce, config_from_mapping
+        from kvsim.config import coerce_option, config_from_mapping
 
         if key == "enable_expert_parallel":  # valid only with other options: type alone
-            _coerce(key, val, where)
+            coerce_option(key, val, where)
         else:
             config_from_mapping({key: val}, source=where)
 

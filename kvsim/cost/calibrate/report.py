@@ -62,7 +62,7 @@ def write_calibration_yaml(result: dict, path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
     from kvsim.cost import roofline
 
-    roofline._calibration_table.cache_clear()
+    roofline.reload_calibration()
 
 
 OP_ORDER = ["qkv", "o", "mlp", "moe", "other", "lm_head", "embedding", "final_norm", "sampler", "attn_decode",
