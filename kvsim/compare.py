@@ -122,5 +122,3 @@ def plot_compare(rows: list[dict], png: Path) -> None:
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
-
-

@@ -31,6 +31,7 @@ from kvsim.metrics.collector import Recorder
 from kvsim.specs.model import ModelSpec
 from kvsim.workload.request import Request
 
+
 def examples(n: int) -> int:
     """Hypothesis example count: ``n`` by default (the suite stays fast), scaled by the environment variable
     KVSIM_HYPOTHESIS_SCALE for a longer bug hunt (e.g. KVSIM_HYPOTHESIS_SCALE=30)."""

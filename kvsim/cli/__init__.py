@@ -7,7 +7,7 @@ from __future__ import annotations
 import sys
 
 from kvsim.cli import bench, calibrate, compare, fit_methods, listing, plan, replay, validate
-from kvsim.cli.common import (  # noqa: F401 (what other command lines reuse)
+from kvsim.cli.common import (  # what other command lines reuse
     HelpFormatter, Parser, add_engine_args, add_run_args, add_trace_arg, apply_config_file, engine_config, model_arg,
     parse_slo,
 )
@@ -53,4 +53,5 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-__all__ = ["build_parser", "main"]
+__all__ = ["HelpFormatter", "Parser", "add_engine_args", "add_run_args", "add_trace_arg", "apply_config_file",
+           "build_parser", "engine_config", "main", "model_arg", "parse_slo"]

@@ -178,6 +178,19 @@ def spec_from_args(args, method):
                      allow_profile_mismatch=args.allow_profile_mismatch, engine=args.engine)
 
 
+def add_trace_command(sub, name: str, help: str, func, out_default: str, out_help: str,
+                      quiet_help: str = "no progress bar") -> argparse.ArgumentParser:
+    """A command that replays a trace (``replay``, ``compare``): the trace, ``--out``, ``--quiet`` and the
+    run arguments; the caller adds its method argument."""
+    p = sub.add_parser(name, help=help)
+    add_trace_arg(p)
+    p.add_argument("--out", default=out_default, help=out_help)
+    p.add_argument("--quiet", action="store_true", help=quiet_help)
+    add_run_args(p)
+    p.set_defaults(func=func)
+    return p
+
+
 #: the positional trace argument, one style for every command that reads a trace
 TRACE_HELP = "trace file: kvsim JSONL, Azure CSV or Mooncake JSONL, optionally .gz (format detected, or --format)"
 

@@ -4,19 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kvsim.cli.common import add_run_args, add_trace_arg, engine_config, model_arg, parse_slo
+from kvsim.cli.common import add_trace_command, engine_config, model_arg, parse_slo
 from kvsim.errors import ConfigError
 
 
 def register(sub) -> None:
-    c = sub.add_parser("compare", help="run several methods on the same trace and seed; one table and plots")
-    add_trace_arg(c)
+    c = add_trace_command(sub, "compare", "run several methods on the same trace and seed; one table and plots",
+                          _cmd_compare, "out/compare",
+                          "output directory: compare.csv/.md/.png and one replay folder per method", "no progress bars")
     c.add_argument("--methods", default=None, help="comma-separated specs, e.g. none,fp8,kivi:bits=2,h2o:budget=512 "
                    "(default: the --config file's method)")
-    c.add_argument("--out", default="out/compare", help="output directory: compare.csv/.md/.png and one replay folder per method")
-    c.add_argument("--quiet", action="store_true", help="no progress bars")
-    add_run_args(c)
-    c.set_defaults(func=_cmd_compare)
 
 
 def _cmd_compare(args) -> int:

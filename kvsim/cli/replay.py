@@ -6,19 +6,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from kvsim.cli.common import Parser, add_run_args, add_trace_arg, spec_from_args
+from kvsim.cli.common import Parser, add_trace_arg, add_trace_command, spec_from_args
 from kvsim.errors import KvsimError
 
 
 def register(sub) -> None:
-    r = sub.add_parser("replay", help="replay a trace through the modelled engine")
-    add_trace_arg(r)
+    r = add_trace_command(sub, "replay", "replay a trace through the modelled engine", cmd_replay, "out/replay",
+                          "output directory")
     r.add_argument("--method", default=None, help="compression method, e.g. h2o:budget=512,window=32 (`kvsim methods`) "
                                                   "(default: none)")
-    r.add_argument("--out", default="out/replay", help="output directory")
-    r.add_argument("--quiet", action="store_true", help="no progress bar")
-    add_run_args(r)
-    r.set_defaults(func=cmd_replay)
 
     t = sub.add_parser("trace", help="trace utilities: stats, gen")
     tsub = t.add_subparsers(dest="trace_cmd", required=True, parser_class=Parser, metavar="SUBCOMMAND")

@@ -35,7 +35,8 @@ from pathlib import Path
 
 from kvsim.config import EngineConfig
 from kvsim.errors import ConfigError, KvsimError
-from kvsim.metrics.slo import SLOTerm, check_slo, goodput_slo, parse_slo_terms  # noqa: F401 (re-exported)
+from kvsim.metrics.slo import check_slo, goodput_slo, parse_slo_terms
+
 
 # -- one evaluated point --------------------------------------------------------------------------------
 @dataclass
@@ -518,5 +519,3 @@ def write_plan(result: PlanResult, out_dir, meta: dict | None = None) -> Path:
            "evaluations": [e.as_row() for e in result.evaluations]}
     (out / "plan.json").write_text(json.dumps(doc, indent=1, default=str) + "\n")
     return out
-
-

@@ -488,5 +488,3 @@ def run_sweep(grid, out_dir, executor: str = "local", jobs: int | None = None, p
     param_cols = list(dict.fromkeys(k for c in cells for k in c))
     paths = write_results(rows, out, param_cols)
     return SweepResult(rows, out, paths, len(todo), skipped, failed, lost)
-
-

@@ -123,7 +123,6 @@ class Ctx:
                      flops=flops, bytes=6.0 * e * kv_elems)
 
 
-
 def _nbytes(obj) -> int:
     if torch.is_tensor(obj):
         return obj.numel() * obj.element_size()

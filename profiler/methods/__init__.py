@@ -18,7 +18,9 @@ import pkgutil
 from kvsim.errors import ConfigError
 from profiler.methods.base import MethodSupport
 
-TOOLS = ("kernels", "replay", "lengths")
+#: the kvprof tools a method module can serve
+TOOLS = MethodSupport.tools
+
 _SUPPORT: dict[str, MethodSupport] = {}
 
 

@@ -14,8 +14,8 @@ class MethodSupport:
     #: the kvsim implementation (``impl`` knob) whose algorithm the torch code computes; None for a method
     #: without implementations. kvsim uses a profile's method tables only for specs with this impl
     impl: ClassVar[str | None] = None
-    #: the kvprof tools that run it: "kernels", "replay", "lengths"
-    tools: ClassVar[tuple[str, ...]] = ()
+    #: the kvprof tools that run it: "kernels", "replay", "lengths" (default: all three)
+    tools: ClassVar[tuple[str, ...]] = ("kernels", "replay", "lengths")
     #: knob -> the values the torch code runs, where narrower than kvsim's own validation
     knob_values: ClassVar[dict[str, tuple]] = {}
     #: what else the code needs of the knobs, in words (checked by :meth:`check`)

@@ -22,7 +22,6 @@ class FP8Store(PagedStore):
 class FP8(MethodSupport):
     name = "fp8"
     impl = "native"
-    tools = ("kernels", "replay", "lengths")
     store = FP8Store
 
     def prefill_extra(self, c, m, C, KV):

@@ -139,7 +139,6 @@ class H2OStore(KVStore):
 class H2O(MethodSupport):
     name = "h2o"
     impl = "reference"
-    tools = ("kernels", "replay", "lengths")
     eager_prefill = True
     store = H2OStore
 

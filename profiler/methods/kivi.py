@@ -216,7 +216,6 @@ class KIVIStore(KVStore):
 class KIVI(MethodSupport):
     name = "kivi"
     impl = "reference"
-    tools = ("kernels", "replay", "lengths")
     store = KIVIStore
 
     def prefill_extra(self, c, m, C, KV):

@@ -9,5 +9,4 @@ from profiler.replay.kvstore import PagedStore
 
 class NoCompression(MethodSupport):
     name = "none"
-    tools = ("kernels", "replay", "lengths")
     store = PagedStore

@@ -48,7 +48,6 @@ class SnapKVStore(PagedStore):
 class SnapKV(MethodSupport):
     name = "snapkv"
     impl = "reference"
-    tools = ("kernels", "replay", "lengths")
     eager_prefill = True
     knob_rules = ("kernel_size odd (the pooling keeps the observation's length)",)
     store = SnapKVStore

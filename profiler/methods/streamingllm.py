@@ -33,7 +33,6 @@ class StreamingStore(PagedStore):
 class StreamingLLM(MethodSupport):
     name = "streamingllm"
     impl = "sliding"
-    tools = ("kernels", "replay", "lengths")
     store = StreamingStore
 
     def prefill_extra(self, c, m, C, KV):

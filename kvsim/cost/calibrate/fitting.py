@@ -278,5 +278,3 @@ def run(out_dir=None, write_yaml: Path | None = None, paths=None, loo: bool = Tr
         write_calibration_yaml(result, Path(write_yaml))
         result["yaml"] = Path(write_yaml)
     return result
-
-

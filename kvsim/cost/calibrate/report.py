@@ -13,6 +13,7 @@ from kvsim.cost.calibrate.model import A_PRIORI, NAMES, SKEW, predict
 from kvsim.cost.roofline import RooflineCost, RooflineParams
 from kvsim.resources import shared_dir
 
+
 def _round(p: RooflineParams) -> dict:
     out = {}
     for n in NAMES + list(SKEW.values()) + list(A_PRIORI):
