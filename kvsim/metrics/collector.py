@@ -93,8 +93,14 @@ class Recorder(Observer):
         if k > 1:
             # what stepping records: differences of consecutive end times; a batch of B gets B samples each
             itl.add_many([b - a for a, b in pairwise(ev.ff_ends)], batch)
-        self.step(k or 1, batch)
-        self.kv_used(ev.kv_blocks_used)
+        # step() and kv_used(), inlined: this runs once per committed step
+        n = k or 1
+        self.num_steps += n
+        self.batch_size_sum += batch * n
+        if batch > self.peak_batch_size:
+            self.peak_batch_size = batch
+        if ev.kv_blocks_used > self.peak_kv_blocks:
+            self.peak_kv_blocks = ev.kv_blocks_used
         t = ev.end_s
         finished = ev.finished
         for s in finished:
