@@ -145,6 +145,7 @@ CASES = [
          ["moe_experts_not_int.json", "num_local_experts"]),
     Case("kvprof", ["step", "--model", "{bad}/models/sliding_window_not_int.json", "--out", "{tmp}/st"],
          ["sliding_window_not_int.json", "sliding_window"]),
+    Case("kvprof", ["int4-decode", "--head-dim", "96"], ["--head-dim 96", "power of two"]),
     Case("kvprof", ["lengths", "--summarize-only", "--no-plot", "--out", "{copy}"], ["raw.jsonl:2:", "UTF-8"],
          copy="lengths_raw_non_utf8"),
     Case("kvprof", ["lengths", "--summarize-only", "--no-plot", "--out", "{copy}"],
