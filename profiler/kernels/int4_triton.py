@@ -8,6 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
+from profiler.kernels.step import time_step
+
 
 @triton.jit
 def _decode(Q, K, V, KS, KZ, VS, VZ, O, L, sm_scale,
@@ -120,16 +122,7 @@ def bench(B: int, L: int, H: int, D: int, reps: int = 20) -> dict:
     out = {"batch_size": B, "kv_tokens": L, "heads": H, "head_dim": D}
     for name, fn in (("bf16", lambda: decode(q, k, v)),
                      ("int4", lambda: decode(q, kq[0], vq[0], kq[1], kq[2], vq[1], vq[2]))):
-        for _ in range(3):
-            fn()
-        torch.cuda.synchronize()
-        ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-        for s, e in ev:
-            s.record()
-            fn()
-            e.record()
-        torch.cuda.synchronize()
-        ts = sorted(s.elapsed_time(e) * 1e-3 for s, e in ev)
+        ts = sorted(time_step(fn, reps))
         out[f"{name}_median_s"] = ts[len(ts) // 2]
     kv_bf16 = 2 * B * H * L * D * 2
     out["bf16_gb_s"] = kv_bf16 / out["bf16_median_s"] / 1e9
