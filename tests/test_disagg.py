@@ -445,3 +445,38 @@ def test_infinitely_fast_link_one_of_each_equals_the_analytic_expectation(method
         kept = m.kept_tokens(p, p)
         extra = cost.step_time_s(StepShape(1, kept, [], kept))
         assert rows[r["request_id"]]["ttft_ms"] == pytest.approx(r["ttft_ms"] + extra * 1e3, rel=1e-9)
+
+
+@st.composite
+def tier_scenarios(draw):
+    reqs, cfg, method = draw(scenarios())
+    if draw(st.booleans()):
+        method = draw(st.sampled_from(["none", "fp8"]))  # the methods whose blocks are named by prefix hashes
+    # a small GPU pool and a few recurring prompts: GPU prefix blocks get evicted and come back from the tier
+    cfg = dict(cfg, enable_prefix_caching=True, num_gpu_blocks_override=draw(st.integers(8, 30)))
+    fams = draw(st.integers(2, 6))
+    reqs = [(rid, t, p, o, [7000 + 100 * (int(rid) % fams) + j for j in range(-(-p // 16))]) for rid, t, p, o, h in reqs]
+    tr = {"kv_offloading_size": draw(st.sampled_from([2, 8, 64])) * 1024 * cfg["block_size"] / 4 / 2**30,
+          "kv_offload_latency_us": draw(st.sampled_from([None, 30.0, 3000.0]))}
+    return reqs, cfg, method, tr
+
+
+@settings(max_examples=examples(40), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(tier_scenarios())
+def test_cpu_tier_conservation_and_fast_forward_equals_stepping(scenario):
+    reqs, cfg, method, tr = scenario
+    ff = pd_run(reqs, cfg, method, tr, True)
+    stepped = pd_run(reqs, cfg, method, tr, False)
+    assert_same(ff, stepped)
+    s = ff.summary
+    assert s["completed"] + s["rejected"] == len(reqs)
+    o = s["kv_offload"]
+    # what came back is what was stored, a block at a time, and only hits a method that shares prefixes can have
+    assert o["onloaded_bytes"] == o["loaded_blocks"] * o["block_bytes"]
+    assert o["offloaded_bytes"] == o["stored_blocks"] * o["block_bytes"]
+    assert o["stored_blocks"] - o["evicted_blocks"] <= o["cpu_blocks_per_instance"] * s["num_replicas"]
+    if not o["prefix_sharing"]:
+        assert o["stored_blocks"] == o["loaded_blocks"] == 0
+    rows = [r for r in ff.rows if r["status"] == "completed"]
+    assert sum(r["kv_onload_bytes"] for r in rows) <= o["onloaded_bytes"]
+    assert all(r["prefix_hit_tokens_cpu"] + r["prefix_hit_tokens"] < r["prompt_tokens"] for r in rows)
