@@ -189,14 +189,15 @@ def load_run_file(path: str | Path) -> tuple[EngineConfig, dict]:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: top level must be a mapping of engine options")
-    from kvsim.transfer import ALIASES as TRANSFER_ALIASES, KEYS as TRANSFER_KEYS
+    from kvsim.transfer import ALIASES as TRANSFER_ALIASES, KEYS as TRANSFER_KEYS, coerce as transfer_coerce
 
     engine, run = {}, {}
     for raw_key, value in data.items():
         key = str(raw_key).replace("-", "_")
         if key in TRANSFER_KEYS:
             # P/D and CPU-tier options (kvsim.transfer): passed to the command like flags, checked there
-            run[TRANSFER_ALIASES.get(key, key)] = value
+            key = TRANSFER_ALIASES.get(key, key)
+            run[key] = transfer_coerce(key, value, str(p))
             continue
         if key in RUN_KEYS:
             ok = isinstance(value, str) and value.strip() if key != "method" else (

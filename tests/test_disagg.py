@@ -480,3 +480,80 @@ def test_cpu_tier_conservation_and_fast_forward_equals_stepping(scenario):
     rows = [r for r in ff.rows if r["status"] == "completed"]
     assert sum(r["kv_onload_bytes"] for r in rows) <= o["onloaded_bytes"]
     assert all(r["prefix_hit_tokens_cpu"] + r["prefix_hit_tokens"] < r["prompt_tokens"] for r in rows)
+
+
+# -- wiring: options, outputs, what a plain run keeps ----------------------------------------------------------------
+def test_replay_outputs_of_a_pd_run_and_a_plain_one(tmp_path):
+    from kvsim.cli import main
+    from kvsim.metrics.collector import REQUEST_COLUMNS
+    from kvsim.workload.readers import write_trace
+
+    trace = tmp_path / "t.jsonl"
+    write_trace([make_request(i, 0.05 * i, prompt=600, output=30) for i in range(40)], trace)
+    cfg = tmp_path / "pd.yaml"
+    cfg.write_text("model: llama-3.1-8b\nnum_prefill_instances: 1\nnum_decode_instances: 2\n"
+                   "kv_transfer_link: rdma-200g\nkv-transfer-mode: layerwise\nkv_offload_gib: 1\n")
+    assert main(["replay", str(trace), "--out", str(tmp_path / "pd"), "--quiet", "--no-profile", "--config", str(cfg)]) == 0
+    assert main(["replay", str(trace), "--out", str(tmp_path / "plain"), "--quiet", "--no-profile"]) == 0
+    pd, plain = tmp_path / "pd", tmp_path / "plain"
+    s = json.loads((pd / "summary.json").read_text())
+    assert s["gpus"] == 3 and s["num_replicas"] == 3
+    t = s["kv_transfer"]
+    assert (t["kv_transfer_link"], t["kv_transfer_mode"], t["transfers"]) == ("rdma-200g", "layerwise", 40)
+    assert t["bytes_sent"] == t["bytes_received"] == 40 * 600 * 131072
+    assert s["kv_offload"]["kv_offloading_size"] == 1.0
+    assert s["transfer_options"]["num_decode_instances"] == 2
+    header = (pd / "requests.csv").read_text().splitlines()[0].split(",")
+    assert header == REQUEST_COLUMNS + list(TRANSFER_COLUMNS)
+    links = list(csv.DictReader(open(pd / "links.csv")))
+    assert {r["link"] for r in links} >= {"pd_send", "pd_recv"}
+    assert all(0.0 <= float(r["utilization"]) <= 1.0 + 1e-9 for r in links)
+    assert (pd / "timeline.png").stat().st_size > 0
+    # a plain run: the engine's outputs, nothing added
+    ps = json.loads((plain / "summary.json").read_text())
+    assert not {"kv_transfer", "kv_offload", "transfer_options"} & set(ps)
+    assert (plain / "requests.csv").read_text().splitlines()[0].split(",") == REQUEST_COLUMNS
+    assert not (plain / "links.csv").exists()
+
+
+def test_pd_defaults_and_ttft_includes_the_transfer():
+    """A slow link shows in TTFT (vLLM's convention), not in TPOT; the same run over an infinitely fast link is
+    faster to the first token by at least the wire time of each cache."""
+    trace = [make_request(i, 1.0 * i, prompt=4000, output=20) for i in range(5)]
+    out = {}
+    for link in ("rdma-100g", "infinite"):
+        spec = api.make_spec("llama-3.1-8b", "h100", "none", EngineConfig(), auto_profile=False,
+                             transfer={"num_prefill_instances": 1, "num_decode_instances": 1, "kv_transfer_link": link})
+        out[link] = {r["request_id"]: r for r in api.replay(trace, spec=spec, keep_rows=True).rows}
+    wire_ms = 4000 * 131072 / 12.5e9 * 1e3
+    for rid, r in out["rdma-100g"].items():
+        assert r["ttft_ms"] - out["infinite"][rid]["ttft_ms"] >= wire_ms * (1 - 1e-9)
+        assert r["tpot_ms"] == pytest.approx(out["infinite"][rid]["tpot_ms"], rel=1e-6)
+        assert r["kv_transfer_link_s"] * 1e3 == pytest.approx(wire_ms)
+
+
+def test_tensor_parallel_sides_and_profile_per_side():
+    """Each side its own TP: its own cost, memory and KV bytes; the cache moves over min(tp_p, tp_d) lanes."""
+    spec = api.make_spec("llama-3.1-8b", "h100", "none", EngineConfig(), auto_profile=False,
+                         transfer={"num_prefill_instances": 2, "num_decode_instances": 1,
+                                   "prefill_tensor_parallel_size": 1, "decode_tensor_parallel_size": 2})
+    res = api.replay([make_request(0, 0.0, prompt=1000, output=5)], spec=spec, keep_rows=True)
+    s = res.summary
+    assert s["gpus"] == 2 * 1 + 1 * 2
+    t = s["kv_transfer"]
+    assert t["prefill_tensor_parallel_size"] == 1 and t["decode_tensor_parallel_size"] == 2
+    # Llama-3.1-8B has 8 KV heads: at TP 2 each GPU holds 4, so the bytes over both GPUs equal TP 1's
+    assert t["bytes_sent"] == 1000 * 131072
+    assert t["kv_blocks_per_decode_instance"] > t["kv_blocks_per_prefill_instance"]
+    assert res.rows[0]["kv_transfer_link_s"] == pytest.approx(1000 * 131072 / 50e9)  # one lane: the TP-1 side
+
+
+def test_compare_takes_the_transfer_options(tmp_path):
+    from kvsim.compare import compare
+
+    trace = [make_request(i, 0.1 * i, prompt=300, output=10) for i in range(10)]
+    rows = compare(trace, ["none", "fp8"], tmp_path, progress=False, model="llama-3.1-8b", auto_profile=False,
+                   transfer={"num_prefill_instances": 1, "num_decode_instances": 1})
+    assert [r["completed"] for r in rows] == [10, 10]
+    s = json.loads((tmp_path / "fp8_implauto" / "summary.json").read_text())
+    assert s["gpus"] == 2 and s["kv_transfer"]["bytes_sent"] == 10 * 300 * 131072 / 2
