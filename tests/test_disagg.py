@@ -557,3 +557,17 @@ def test_compare_takes_the_transfer_options(tmp_path):
     assert [r["completed"] for r in rows] == [10, 10]
     s = json.loads((tmp_path / "fp8_implauto" / "summary.json").read_text())
     assert s["gpus"] == 2 and s["kv_transfer"]["bytes_sent"] == 10 * 300 * 131072 / 2
+
+
+def test_published_comparison_runs_and_the_byte_counts_match():
+    """python -m kvsim.pd_published (docs/disaggregation.md): every case has its source and both figures; the static
+    cases (a cache's size, the bandwidth to move it) agree with the papers to 1 %."""
+    from kvsim.pd_published import compare_published, format_markdown
+
+    rows = compare_published(quick=True)
+    assert len(rows) >= 12
+    for r in rows:
+        assert r["source"] and r["published"] and r["kvsim"] and r["setting"]
+    static = [r for r in rows if r["case"].startswith("KV cache of") or r["case"].startswith("link bandwidth")]
+    assert len(static) == 3 and all(r["agrees"] for r in static)
+    assert "| case | published | kvsim |" in format_markdown(rows)
