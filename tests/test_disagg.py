@@ -571,3 +571,24 @@ def test_published_comparison_runs_and_the_byte_counts_match():
     static = [r for r in rows if r["case"].startswith("KV cache of") or r["case"].startswith("link bandwidth")]
     assert len(static) == 3 and all(r["agrees"] for r in static)
     assert "| case | published | kvsim |" in format_markdown(rows)
+
+
+def test_a_prompt_dropped_on_the_prefill_side_takes_its_decode_side_along():
+    """The scheduler drops a preempted request it can never run again (kvsim.engine.scheduler); on a prefill
+    instance that request's decode side goes too: its router load and its place among the live sequences."""
+    from kvsim.engine.sequence import Sequence
+
+    rec = recorder()
+    c = pd_cluster(rec)
+    sim = DisaggSimulation(c, rec, LengthSampler(LengthRatio(source="t"), 0), None, True)
+    req = make_request("X", 0.0, prompt=8, output=4)
+    p, d = c.prefill[0], c.decode[0]
+    pseq, dseq = Sequence(req, 0, 1), Sequence(req, 0, 4)
+    assert p.add(pseq) is None
+    sim._accept(p, d, pseq, dseq, 0.0)
+    assert (p.outstanding_tokens, d.outstanding_tokens) == (9, 12)
+    p.scheduler.waiting.clear()
+    p.scheduler.dropped.append((pseq, "kv_capacity"))
+    p._reject_dropped()
+    assert (p.outstanding_tokens, d.outstanding_tokens) == (0, 0)
+    assert dict(rec.rejected) == {"kv_capacity": 1} and id(dseq) not in sim.live and id(pseq) in sim.live

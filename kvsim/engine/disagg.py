@@ -217,6 +217,16 @@ class PrefillReplica(Replica):
                     self.cluster.handoff(x, now)
         return p
 
+    def _reject_dropped(self) -> None:
+        # a prompt the prefill instance can never run again (kvsim.engine.scheduler) takes its decode side along
+        for s, _ in self.scheduler.dropped:
+            x = s.xfer
+            d = self.cluster.decode[x.decode_id - self.cluster.decode[0].id]
+            d.outstanding_tokens -= x.decode_seq.prompt_tokens + x.decode_seq.output_tokens
+            if self.cluster.on_drop is not None:
+                self.cluster.on_drop(x)
+        super()._reject_dropped()
+
     def _finish(self, s: Sequence, t: float) -> None:
         s.status = FINISHED
         self.outstanding_tokens -= s.prompt_tokens + s.output_tokens
@@ -246,6 +256,8 @@ class DisaggCluster:
         self.log = log
         self.prefill_router, self.decode_router = make_router(prefill_router), make_router(decode_router)
         self.transfers: list[Transfer] = []
+        #: called with a Transfer whose request the prefill side dropped (the SimPy layer forgets its decode side)
+        self.on_drop = None
         for r in prefill:
             r.cluster = self
             r.agent = PrefillAgent(r)
@@ -285,6 +297,7 @@ class DisaggSimulation(Simulation):
         super().__init__(cluster.replicas, None, recorder, lengths, progress, check_invariants)
         self.cluster = cluster
         self._single = False
+        cluster.on_drop = lambda x: self.live.pop(id(x.decode_seq), None)
 
     def _arrivals(self, source):
         c = self.cluster

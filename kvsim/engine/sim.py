@@ -114,6 +114,8 @@ class Simulation:
         self.live: dict[int, Sequence] = {}
         self._single = len(replicas) == 1
         self._procs: dict[int, simpy.Process] = {}
+        #: replicas by id: a transfer started by one replica's agent may land on another (kvsim.engine.disagg)
+        self._by_id = {r.id: r for r in replicas}
         # lockstep groups (replica.lockstep_group not None); the router's units: groups and standalone replicas
         groups: dict = {}
         self._units: list = []
@@ -245,13 +247,6 @@ class Simulation:
         elif r.truncate(t):
             self.num_events += 1
             self.env.wait_instead(self._procs[r.id], r.pending.end_s, NORMAL)
-
-    @property
-    def _by_id(self) -> dict:
-        by = self.__dict__.get("_by_id_map")
-        if by is None:
-            by = self.__dict__["_by_id_map"] = {r.id: r for r in self.replicas}
-        return by
 
     def _check(self, r: Replica, finished) -> None:
         for s in finished:
