@@ -55,7 +55,7 @@ class Recorder:
                  slo: SLO | None = None, timeline_interval_s: float = 1.0, keep_rows: bool = False,
                  extra_columns: tuple = (), extra_values=None):
         #: columns after REQUEST_COLUMNS and the function giving a completed sequence's values for them (runs
-        #: that move KV beyond the GPU add theirs, kvsim.engine.kvlink.TRANSFER_COLUMNS); none by default
+        #: that move KV beyond the GPU add theirs, kvsim.metrics.transfer.TRANSFER_COLUMNS); none by default
         self.columns = REQUEST_COLUMNS + list(extra_columns)
         self._extra_values = extra_values if extra_columns else None
         self._extra_none = [None] * len(extra_columns)
