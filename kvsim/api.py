@@ -59,6 +59,8 @@ class RunSpec:
     engine: str | None = None
     #: output-length source: "auto", "published", "trace" or a lengths profile (engine/output_length.py)
     lengths: object = "auto"
+    #: disaggregated prefill/decode and the CPU KV tier (kvsim.transfer.TransferConfig); None: neither
+    transfer: object = None
 
 
 def resolve_method(method, config: EngineConfig) -> Method:
@@ -108,10 +110,11 @@ def profile_mismatch(prof, model: ModelSpec, hw: HardwareSpec, tp: int) -> str |
 
 def make_spec(model="llama-3.1-8b", hardware="h100", method=None, config: EngineConfig | None = None,
               profile=None, slo: SLO | None = None, auto_profile: bool = True, lengths="auto",
-              engine: str | None = None, allow_profile_mismatch: bool = False) -> RunSpec:
+              engine: str | None = None, allow_profile_mismatch: bool = False, transfer=None) -> RunSpec:
     """``allow_profile_mismatch``: use a profile measured for another model, GPU or TP anyway (a warning
     instead of the error), e.g. a close sibling model when none of its own exists. ``engine``: a fitted
-    engine's step model instead of vLLM's (kvsim.cost.engines)."""
+    engine's step model instead of vLLM's (kvsim.cost.engines). ``transfer``: disaggregated prefill/decode
+    and the CPU KV tier (a kvsim.transfer.TransferConfig or a mapping of its options; None: neither)."""
     mspec = model if isinstance(model, ModelSpec) else load_model(model)
     hw = hardware if isinstance(hardware, HardwareSpec) else load_hardware(hardware)
     cfg = config or EngineConfig()
@@ -141,9 +144,36 @@ def make_spec(model="llama-3.1-8b", hardware="h100", method=None, config: Engine
     if params is not None and prof is not None and profile is None:
         prof = None  # a committed kernel profile is vLLM's kernels; another engine's fitted step model wins
     spec = RunSpec(mspec, hw, meth, cfg, prof, slo or SLO(), params, engine if params is not None else None,
-                   lengths=lengths)
+                   lengths=lengths, transfer=_transfer(transfer, mspec, cfg))
     length_ratio_for(spec)  # a bad --lengths choice fails here, before any work
     return spec
+
+
+def _transfer(transfer, model: ModelSpec, cfg: EngineConfig):
+    """The P/D and CPU-tier options, validated against the run (kvsim.transfer); None when all are off."""
+    if transfer is None:
+        return None
+    from kvsim.transfer import TransferConfig, transfer_from_mapping
+
+    tr = transfer if isinstance(transfer, TransferConfig) else transfer_from_mapping(transfer)
+    if tr is None or not tr.nondefault():
+        return None
+    tr.validate()
+    for tp in (tr.prefill_tensor_parallel_size, tr.decode_tensor_parallel_size):
+        if tp is not None:
+            check_parallel_shape(model, dataclasses.replace(cfg, tensor_parallel_size=tp))
+    from kvsim.transfer import PD_ONLY
+
+    stray = {k: v for k, v in tr.nondefault().items() if k in PD_ONLY}
+    if stray and not tr.disaggregated:
+        raise ConfigError(f"disaggregation options {stray} need --num-prefill-instances and --num-decode-instances")
+    if tr.offload:
+        if not cfg.enable_prefix_caching:
+            raise ConfigError(f"kv_offloading_size={tr.kv_offloading_size}: the CPU tier is found by prefix hashes, "
+                              "so it needs enable_prefix_caching (vLLM's OffloadingConnector rides on the prefix cache)")
+        if model.is_moe and cfg.enable_expert_parallel and cfg.data_parallel_size > 1:
+            raise ConfigError("the CPU KV tier with expert parallelism across data-parallel ranks is not modelled")
+    return tr
 
 
 def make_cost(spec: RunSpec) -> CostModel:
@@ -232,6 +262,8 @@ class ReplayResult:
     summary: dict
     rows: list | None = None
     out_dir: Path | None = None
+    #: what the links carried when (kvsim.engine.kvlink.LinkLog): runs with P/D or a CPU tier only
+    link_log: object = None
 
     def requests_df(self):
         import pandas as pd
@@ -283,7 +315,7 @@ def _limited(stream, n):
 
 
 #: the files a replay writes into its output folder
-REPLAY_OUTPUTS = ("requests.csv", "timeline.csv", "timeline.png", "vllm_result.json", "summary.json")
+REPLAY_OUTPUTS = ("requests.csv", "timeline.csv", "links.csv", "timeline.png", "vllm_result.json", "summary.json")
 
 
 def replay(trace, model="llama-3.1-8b", hardware="h100", method=None, config: EngineConfig | None = None,
@@ -329,9 +361,30 @@ def _replay(trace, spec, out, fmt, skip_invalid, progress, keep_rows, fast_forwa
     else:
         req_f = tl_f = None
     keep = keep_rows if keep_rows is not None else out is None
-    rec = Recorder(req_f, tl_f, spec.slo, timeline_interval_s, keep_rows=keep)
+    # KV moved beyond the GPU (P/D, CPU tier): extra request columns, a link log; a plain run gets neither
+    tr = spec.transfer
+    link_log = cluster = None
+    extra = {}
+    if tr is not None:
+        from kvsim.engine.kvlink import LinkLog
+        from kvsim.metrics.transfer import TRANSFER_COLUMNS, transfer_values
+
+        link_log = LinkLog(timeline_interval_s)
+        extra = dict(extra_columns=TRANSFER_COLUMNS, extra_values=transfer_values)
+    rec = Recorder(req_f, tl_f, spec.slo, timeline_interval_s, keep_rows=keep, **extra)
     try:
-        replicas = build_replicas(spec, rec, fast_forward)
+        if tr is not None and tr.disaggregated:
+            from kvsim.engine.disagg import build_disagg
+
+            cluster = build_disagg(spec, rec, fast_forward, link_log)
+            replicas = cluster.replicas
+        else:
+            replicas = build_replicas(spec, rec, fast_forward)
+            if tr is not None and tr.offload:
+                from kvsim.engine.offload import attach_tier, make_tier
+
+                for r in replicas:
+                    attach_tier(r, make_tier(tr, spec, spec.config.tensor_parallel_size, link_log, r.id))
         lengths = length_ratio_for(spec)
         bar = None
         if progress:
@@ -340,7 +393,12 @@ def _replay(trace, spec, out, fmt, skip_invalid, progress, keep_rows, fast_forwa
             desc = progress if isinstance(progress, str) else "replay"
             bar = tqdm(total=total, unit="req", desc=desc, file=sys.stderr, mininterval=0.5, disable=None)
         sampler = LengthSampler(lengths, cfg.seed, cfg.max_model_len)
-        sim = Simulation(replicas, make_router(cfg.router), rec, sampler, bar, check_invariants)
+        if cluster is not None:
+            from kvsim.engine.disagg import DisaggSimulation
+
+            sim = DisaggSimulation(cluster, rec, sampler, bar, check_invariants)
+        else:
+            sim = Simulation(replicas, make_router(cfg.router), rec, sampler, bar, check_invariants)
         wall0 = time.perf_counter()
         # no max_model_len for the reader: an over-long prompt is a request the engine rejects
         # (exceeds_max_model_len) and counts, as vLLM answers it with an error and serves the rest
@@ -355,6 +413,12 @@ def _replay(trace, spec, out, fmt, skip_invalid, progress, keep_rows, fast_forwa
             tl_f.close()
     from kvsim.metrics.summary import build_summary
     summary = build_summary(spec, rec, replicas, lengths, sim, wall)
+    if tr is not None:
+        from kvsim.metrics.transfer import transfer_summary
+
+        span = max((r._kv_last_s for r in replicas), default=0.0) - (rec.first_arrival_s or 0.0)
+        summary.update(transfer_summary(spec, replicas, cluster, link_log, rec, span))
+        summary["transfer_options"] = tr.nondefault()
     if rec.num_arrivals == 0:
         where = f" {trace}" if isinstance(trace, (str, Path)) else ""
         print(f"kvsim: warning: the trace{where} has no requests; the summary is all zeros", file=sys.stderr)
@@ -363,10 +427,13 @@ def _replay(trace, spec, out, fmt, skip_invalid, progress, keep_rows, fast_forwa
         if result_format == "vllm":
             from kvsim.metrics.summary import vllm_result
             (out / "vllm_result.json").write_text(json.dumps(vllm_result(summary)) + "\n")
+        if link_log is not None:
+            link_log.write_csv(out / "links.csv")
         if plot:
             from kvsim.metrics.plots import plot_timeline
-            plot_timeline(out / "timeline.csv", out / "timeline.png", title=f"{spec.model.name} / {spec.hardware.name} / {spec.method.spec_string()}")
-    return ReplayResult(summary, rec.rows, out)
+            plot_timeline(out / "timeline.csv", out / "timeline.png", title=f"{spec.model.name} / {spec.hardware.name} / {spec.method.spec_string()}",
+                          links_csv=out / "links.csv" if link_log is not None else None)
+    return ReplayResult(summary, rec.rows, out, link_log)
 
 
 def _count_lines(path) -> int | None:

@@ -172,14 +172,20 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
                    help="vllm: also write result_vllm.json with the flat keys of vLLM's benchmark_serving result "
                         "(mean_ttft_ms, p99_itl_ms, request_throughput, ...) beside summary.json")
     add_engine_args(p)
+    from kvsim.transfer import add_transfer_args
+
+    add_transfer_args(p)
 
 
 def _spec(args, method):
     from kvsim import api
 
+    from kvsim.transfer import transfer_config
+
     return api.make_spec(model_arg(args), args.hardware, method, engine_config(args), args.profile,
                          parse_slo(args.slo), auto_profile=not args.no_profile, lengths=args.lengths,
-                         allow_profile_mismatch=args.allow_profile_mismatch, engine=args.engine)
+                         allow_profile_mismatch=args.allow_profile_mismatch, engine=args.engine,
+                         transfer=transfer_config(args))
 
 
 def cmd_replay(args) -> int:
@@ -192,6 +198,11 @@ def cmd_replay(args) -> int:
                      result_format=args.result_format)
     print(format_summary(res.summary))
     extra = " vllm_result.json" if args.result_format == "vllm" else ""
+    if spec.transfer is not None:
+        from kvsim.metrics.transfer import format_transfer
+
+        print(format_transfer(res.summary))
+        extra += " links.csv"
     print(f"  outputs: {args.out}/summary.json requests.csv timeline.csv timeline.png{extra}")
     return 0
 

@@ -36,7 +36,7 @@ def compare(trace, methods, out_dir, progress: bool = True, **replay_kw) -> list
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     spec_kw = {k: replay_kw.pop(k) for k in ("model", "hardware", "config", "profile", "slo", "auto_profile", "lengths",
-                                            "allow_profile_mismatch", "engine") if k in replay_kw}
+                                            "allow_profile_mismatch", "engine", "transfer") if k in replay_kw}
     rows = []
     specs = [api.make_spec(method=parse_method(m) if not hasattr(m, "spec_string") else m, **spec_kw) for m in methods]
     for i, spec in enumerate(specs, 1):
@@ -142,6 +142,7 @@ def register(sub) -> None:
 def _cmd_compare(args) -> int:
     from kvsim import cli
     from kvsim.methods import parse_method_list
+    from kvsim.transfer import transfer_config
 
     if not args.methods:
         raise ConfigError("compare: give the methods to compare with --methods (or method: [...] in --config)")
@@ -151,7 +152,7 @@ def _cmd_compare(args) -> int:
                    slo=cli.parse_slo(args.slo), auto_profile=not args.no_profile, lengths=args.lengths, fmt=args.fmt,
                    skip_invalid=args.skip_invalid, rate_scale=args.rate_scale, limit=args.limit,
                    result_format=args.result_format, allow_profile_mismatch=args.allow_profile_mismatch,
-                   engine=args.engine)
+                   engine=args.engine, transfer=transfer_config(args))
     print(Path(args.out, "compare.md").read_text())
     print(f"wrote {args.out}/compare.csv, compare.md, compare.png and one replay folder per method ({len(rows)})")
     return 0

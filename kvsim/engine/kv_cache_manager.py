@@ -39,6 +39,8 @@ class KVCacheManager:
         self._keeps_all = type(method).kept_tokens is Method.kept_tokens
         #: blocks of generated tokens are hashed too (block i holds tokens i*bs..: only when every token is kept)
         self.hash_generated = self.prefix_sharing and self._keeps_all
+        #: the CPU KV tier (kvsim.engine.offload.CPUTier) prefix hits may load from; None: no tier
+        self.tier = None
 
     def blocks_for(self, seq: Sequence, computed_tokens: int) -> int:
         kept = computed_tokens if self._keeps_all else self.method.kept_tokens(seq.prefill_base, computed_tokens)
@@ -121,8 +123,19 @@ class KVCacheManager:
         if n:
             self.pool.acquire_prefix(seq, seq.hash_keys, n)
             seq.num_computed = n * self.bs
-        if seq.num_preemptions == 0:
+        if seq.num_preemptions == 0 and not seq.cpu_hit_tokens:
             seq.prefix_hit_tokens = n * self.bs
+        if self.tier is not None:
+            # the blocks after the GPU hits that the CPU tier holds are loaded instead of recomputed
+            m = self.tier.lookup(seq.hash_keys, n, max_blocks)
+            if m and self.pool.grow(seq, n + m):
+                self.pool.register_full_blocks(seq, seq.hash_keys, (n + m) * self.bs)
+                seq.num_computed = (n + m) * self.bs
+                if seq.num_preemptions == 0:
+                    seq.cpu_hit_tokens += m * self.bs
+                    self.tier.hit_tokens += m * self.bs
+                self.tier.load(seq, seq.hash_keys, n, m)
+                return (n + m) * self.bs
         return n * self.bs
 
     def free(self, seq: Sequence) -> None:
