@@ -9,10 +9,11 @@ is an observer (:mod:`kvsim.engine.events`) handed to :func:`build_run`; nothing
 
 Kinds of cluster: :data:`CLUSTERS` maps a name to a function ``(spec, cost, observers, lengths,
 fast_forward, check_invariants) -> Run``. ``colocated`` (every replica prefills and decodes; data-parallel
-ranks of an expert-parallel MoE model step in lockstep groups) is the one vLLM runs by default; another
-kind (prefill and decode pools linked by a KV transfer) registers its own builder under its name,
-builds its replicas with :func:`make_replica` and hands every one the same observers, so whatever
-watches a colocated run watches it the same way. :func:`cluster_kind` says which kind a spec asks for.
+ranks of an expert-parallel MoE model step in lockstep groups) is the one vLLM runs by default;
+``disaggregated`` (prefill and decode instances linked by a KV transfer, kvsim.engine.disagg) builds its
+replicas with :func:`make_replica` too and hands every one the same observers, so whatever watches a
+colocated run watches it the same way; either may carry a CPU KV tier (kvsim.engine.offload). Another kind
+registers its builder under its name; :func:`cluster_kind` says which kind a spec asks for.
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ class RunSpec:
     engine: str | None = None
     #: output-length source: "auto", "published", "trace" or a lengths profile (engine/output_length.py)
     lengths: object = "auto"
+    #: disaggregated prefill/decode and the CPU KV tier (kvsim.transfer.TransferConfig); None: neither
+    transfer: object = None
 
 
 # -- the spec ---------------------------------------------------------------------------------------------
@@ -107,10 +110,11 @@ def profile_mismatch(prof, model: ModelSpec, hw: HardwareSpec, tp: int) -> str |
 
 def make_spec(model="llama-3.1-8b", hardware="h100", method=None, config: EngineConfig | None = None,
               profile=None, slo: SLO | None = None, auto_profile: bool = True, lengths="auto",
-              engine: str | None = None, allow_profile_mismatch: bool = False) -> RunSpec:
+              engine: str | None = None, allow_profile_mismatch: bool = False, transfer=None) -> RunSpec:
     """``allow_profile_mismatch``: use a profile measured for another model, GPU or TP anyway (a warning
     instead of the error), e.g. a close sibling model when none of its own exists. ``engine``: a fitted
-    engine's step model instead of vLLM's (kvsim.cost.engines)."""
+    engine's step model instead of vLLM's (kvsim.cost.engines). ``transfer``: disaggregated prefill/decode
+    and the CPU KV tier (a kvsim.transfer.TransferConfig or a mapping of its options; None: neither)."""
     mspec = model if isinstance(model, ModelSpec) else load_model(model)
     hw = hardware if isinstance(hardware, HardwareSpec) else load_hardware(hardware)
     cfg = config or EngineConfig()
@@ -140,9 +144,34 @@ def make_spec(model="llama-3.1-8b", hardware="h100", method=None, config: Engine
     if params is not None and prof is not None and profile is None:
         prof = None  # a committed kernel profile is vLLM's kernels; another engine's fitted step model wins
     spec = RunSpec(mspec, hw, meth, cfg, prof, slo or SLO(), params, engine if params is not None else None,
-                   lengths=lengths)
+                   lengths=lengths, transfer=_transfer(transfer, mspec, cfg))
     length_ratio_for(spec)  # a bad --lengths choice fails here, before any work
     return spec
+
+
+def _transfer(transfer, model: ModelSpec, cfg: EngineConfig):
+    """The P/D and CPU-tier options, validated against the run (kvsim.transfer); None when all are off."""
+    if transfer is None:
+        return None
+    from kvsim.transfer import PD_ONLY, TransferConfig, transfer_from_mapping
+
+    tr = transfer if isinstance(transfer, TransferConfig) else transfer_from_mapping(transfer)
+    if tr is None or not tr.nondefault():
+        return None
+    tr.validate()
+    for tp in (tr.prefill_tensor_parallel_size, tr.decode_tensor_parallel_size):
+        if tp is not None:
+            check_parallel_shape(model, dataclasses.replace(cfg, tensor_parallel_size=tp))
+    stray = {k: v for k, v in tr.nondefault().items() if k in PD_ONLY}
+    if stray and not tr.disaggregated:
+        raise ConfigError(f"disaggregation options {stray} need --num-prefill-instances and --num-decode-instances")
+    if tr.offload:
+        if not cfg.enable_prefix_caching:
+            raise ConfigError(f"kv_offloading_size={tr.kv_offloading_size}: the CPU tier is found by prefix hashes, "
+                              "so it needs enable_prefix_caching (vLLM's OffloadingConnector rides on the prefix cache)")
+        if model.is_moe and cfg.enable_expert_parallel and cfg.data_parallel_size > 1:
+            raise ConfigError("the CPU KV tier with expert parallelism across data-parallel ranks is not modelled")
+    return tr
 
 
 def make_cost(spec: RunSpec) -> CostModel:
@@ -186,13 +215,14 @@ def make_kv(model: ModelSpec, method: Method, cfg: EngineConfig, num_blocks: int
 
 
 def make_replica(replica_id: int, model: ModelSpec, method: Method, cfg: EngineConfig, num_blocks: int,
-                 cost: CostModel, observers=(), fast_forward: bool = True) -> Replica:
-    """One engine replica as ``cfg`` configures it. ``cfg.max_num_batched_tokens`` None: max_model_len."""
+                 cost: CostModel, observers=(), fast_forward: bool = True, cls: type[Replica] = Replica) -> Replica:
+    """One engine replica (of class ``cls``: a P/D prefill instance is one too) as ``cfg`` configures it.
+    ``cfg.max_num_batched_tokens`` None: max_model_len."""
     kv = make_kv(model, method, cfg, num_blocks)
-    cls = PrefillFirstScheduler if cfg.scheduler == "prefill-first" else Scheduler
-    sched = cls(kv, cfg.max_num_seqs, cfg.max_num_batched_tokens or cfg.max_model_len, cfg.enable_chunked_prefill)
-    return Replica(replica_id, sched, kv, cost, observers, cfg.max_model_len, fast_forward,
-                   reject_over_budget_prompts=cfg.rejects_over_budget_prompts, async_scheduling=cfg.async_scheduling)
+    sched_cls = PrefillFirstScheduler if cfg.scheduler == "prefill-first" else Scheduler
+    sched = sched_cls(kv, cfg.max_num_seqs, cfg.max_num_batched_tokens or cfg.max_model_len, cfg.enable_chunked_prefill)
+    return cls(replica_id, sched, kv, cost, observers, cfg.max_model_len, fast_forward,
+               reject_over_budget_prompts=cfg.rejects_over_budget_prompts, async_scheduling=cfg.async_scheduling)
 
 
 def build_replicas(spec: RunSpec, observers=(), fast_forward: bool = True, cost: CostModel | None = None) -> list[Replica]:
@@ -261,38 +291,120 @@ class Run:
     replicas: list
     sim: object  # anything with run(stream) -> end time, num_events and lengths (kvsim.engine.sim.Simulation)
     observers: list
+    #: a P/D cluster (kvsim.engine.disagg.DisaggCluster); None for a colocated one
+    cluster: object = None
+    #: what the KV links carried when (kvsim.engine.kvlink.LinkLog): runs with P/D or a CPU tier only
+    link_log: object = None
 
     def run(self, stream) -> float:
         """Replay ``stream`` (Requests and InvalidRecords in arrival order) to the end; the end time."""
         return self.sim.run(stream)
 
 
+def _attach_tiers(spec: RunSpec, replicas, tp_of, link_log) -> None:
+    """The CPU KV tier (vLLM's OffloadingConnector, kvsim.engine.offload) of every replica, when asked for."""
+    if spec.transfer is not None and spec.transfer.offload:
+        from kvsim.engine.offload import attach_tier, make_tier
+
+        for r in replicas:
+            sspec, tp = tp_of(r)
+            attach_tier(r, make_tier(spec.transfer, sspec, tp, link_log, r.id))
+
+
 def _colocated(spec: RunSpec, cost: CostModel | None, observers: list, lengths: LengthSampler, fast_forward: bool,
-               check_invariants: bool) -> Run:
+               check_invariants: bool, link_log=None) -> Run:
     replicas = build_replicas(spec, observers, fast_forward, cost)
+    _attach_tiers(spec, replicas, lambda r: (spec, spec.config.tensor_parallel_size), link_log)
     sim = Simulation(replicas, make_router(spec.config.router), observers, lengths, check_invariants)
-    return Run(spec, replicas[0].cost, replicas, sim, observers)
+    return Run(spec, replicas[0].cost, replicas, sim, observers, link_log=link_log)
+
+
+def side_spec(spec: RunSpec, tp: int) -> RunSpec:
+    """The run spec of one side of a P/D cluster: the same model, GPU and method at its own tensor-parallel
+    degree (a kernel profile measured at another degree is replaced by the one found for this degree, else
+    the roofline)."""
+    if tp == spec.config.tensor_parallel_size:
+        return spec
+    cfg = dataclasses.replace(spec.config, tensor_parallel_size=tp)
+    check_parallel_shape(spec.model, cfg)
+    prof = spec.profile
+    if prof is not None and getattr(prof, "tables", None) and prof.tensor_parallel_size != tp:
+        from kvsim.cost.profiled import find_profile
+
+        prof = find_profile(spec.model.name, spec.hardware.name, tp)
+    return dataclasses.replace(spec, config=cfg, profile=prof)
+
+
+def _disaggregated(spec: RunSpec, cost: CostModel | None, observers: list, lengths: LengthSampler,
+                   fast_forward: bool, check_invariants: bool, link_log=None) -> Run:
+    """Prefill and decode instances for ``spec.transfer`` (kvsim.transfer.TransferConfig), linked by a KV
+    transfer (kvsim.engine.disagg), each a replica made as every other one is, watched by the same observers."""
+    from kvsim.engine.disagg import DisaggCluster, DisaggSimulation, PrefillReplica, transfer_bytes_fn
+    from kvsim.specs.links import load_link
+
+    tr, cfg = spec.transfer, spec.config
+    if cfg.num_replicas != 1 or cfg.data_parallel_size != 1:
+        raise ConfigError(f"disaggregated serving: num_replicas={cfg.num_replicas}, data_parallel_size="
+                          f"{cfg.data_parallel_size}: the instance counts give the replicas "
+                          "(--num-prefill-instances / --num-decode-instances); leave both at 1")
+    if lockstep_dp(spec):
+        raise ConfigError("disaggregated serving of a MoE model with expert parallelism across data-parallel ranks "
+                          "is not modelled")
+    tp_p = tr.prefill_tensor_parallel_size or cfg.tensor_parallel_size
+    tp_d = tr.decode_tensor_parallel_size or cfg.tensor_parallel_size
+    link = load_link(tr.kv_transfer_link)
+    if tr.kv_transfer_latency_us is not None:
+        link = link.with_latency(tr.kv_transfer_latency_us * 1e-6)
+    prefill, decode, specs = [], [], {}
+    rid = 0
+    for side, n, tp in (("prefill", tr.num_prefill_instances, tp_p), ("decode", tr.num_decode_instances, tp_d)):
+        sspec = side_spec(spec, tp)
+        blocks = num_kv_blocks(sspec.model, sspec.hardware, sspec.config, sspec.method)
+        if blocks < 1:
+            raise ConfigError(f"{side} instances: " + does_not_fit_message(sspec))
+        side_cost = make_cost(sspec)
+        # the P/D instances schedule synchronously (asynchronous scheduling is not modelled for them)
+        scfg = dataclasses.replace(sspec.config, async_scheduling=False)
+        for _ in range(n):
+            if side == "prefill":
+                r = make_replica(rid, sspec.model, sspec.method, scfg, blocks, side_cost, observers, False,
+                                 cls=PrefillReplica)
+                r.tp = tp
+                prefill.append(r)
+            else:
+                r = make_replica(rid, sspec.model, sspec.method, scfg, blocks, side_cost, observers, fast_forward)
+                decode.append(r)
+            specs[rid] = (sspec, tp)
+            rid += 1
+    _attach_tiers(spec, prefill + decode, lambda r: specs[r.id], link_log)
+    cluster = DisaggCluster(prefill, decode, link, tr.kv_transfer_mode, spec.model.num_layers, tp_d,
+                            transfer_bytes_fn(spec.method, spec.model, tp_d), link_log, tr.prefill_router,
+                            tr.decode_router)
+    sim = DisaggSimulation(cluster, observers, lengths, check_invariants)
+    return Run(spec, prefill[0].cost, cluster.replicas, sim, observers, cluster=cluster, link_log=link_log)
 
 
 #: kind of cluster -> its builder (see the module docstring)
-CLUSTERS: dict[str, Callable[..., Run]] = {"colocated": _colocated}
+CLUSTERS: dict[str, Callable[..., Run]] = {"colocated": _colocated, "disaggregated": _disaggregated}
 
 
 def cluster_kind(spec: RunSpec) -> str:
-    """The kind of cluster a spec asks for (a kind another module registers in CLUSTERS says so through
-    the engine options it adds; without any, every replica prefills and decodes)."""
-    return getattr(spec.config, "cluster_kind", None) or "colocated"
+    """The kind of cluster a spec asks for: ``disaggregated`` when its transfer options name prefill and decode
+    instances (kvsim.transfer), else ``colocated`` (every replica prefills and decodes)."""
+    tr = spec.transfer
+    return "disaggregated" if tr is not None and tr.disaggregated else "colocated"
 
 
 def build_run(spec: RunSpec, observers=(), lengths: LengthSampler | None = None, fast_forward: bool = True,
-              check_invariants: bool = False, cost: CostModel | None = None) -> Run:
+              check_invariants: bool = False, cost: CostModel | None = None, link_log=None) -> Run:
     """Build the run ``spec`` describes, watched by ``observers``; ``lengths`` draws output lengths
-    (default: :func:`length_sampler`)."""
+    (default: :func:`length_sampler`); ``link_log`` (kvsim.engine.kvlink.LinkLog) records what the KV links
+    carry in a run with P/D or a CPU tier."""
     kind = cluster_kind(spec)
     if kind not in CLUSTERS:
         raise ConfigError(f"cluster kind {kind!r}: none registered; known: {', '.join(CLUSTERS)}")
     return CLUSTERS[kind](spec, cost, list(observers), lengths or length_sampler(spec), fast_forward,
-                          check_invariants)
+                          check_invariants, link_log)
 
 
 __all__ = [

@@ -34,7 +34,7 @@ def compare(trace, methods, out_dir, progress: bool = True, **replay_kw) -> list
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     spec_kw = {k: replay_kw.pop(k) for k in ("model", "hardware", "config", "profile", "slo", "auto_profile", "lengths",
-                                            "allow_profile_mismatch", "engine") if k in replay_kw}
+                                            "allow_profile_mismatch", "engine", "transfer") if k in replay_kw}
     rows = []
     specs = [make_spec(method=parse_method(m) if not hasattr(m, "spec_string") else m, **spec_kw) for m in methods]
     for i, spec in enumerate(specs, 1):

@@ -211,9 +211,16 @@ def load_run_file(path: str | Path) -> tuple[EngineConfig, dict]:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: top level must be a mapping of engine options")
+    from kvsim.transfer import ALIASES as TRANSFER_ALIASES, KEYS as TRANSFER_KEYS, coerce as transfer_coerce
+
     engine, run = {}, {}
     for raw_key, value in data.items():
         key = str(raw_key).replace("-", "_")
+        if key in TRANSFER_KEYS:
+            # P/D and CPU-tier options (kvsim.transfer): passed to the command like flags, checked there
+            key = TRANSFER_ALIASES.get(key, key)
+            run[key] = transfer_coerce(key, value, str(p))
+            continue
         if key in RUN_KEYS:
             ok = isinstance(value, str) and value.strip() if key != "method" else (
                 isinstance(value, (str, dict)) or (isinstance(value, list) and value))
@@ -228,8 +235,9 @@ def load_run_file(path: str | Path) -> tuple[EngineConfig, dict]:
             engine[raw_key] = value
         else:
             raise ConfigError(
-                f"{p}: unknown key {raw_key!r} (value {value!r}); a config file takes {', '.join(RUN_KEYS)} and "
-                f"the engine options {', '.join(sorted(FIELDS))}")
+                f"{p}: unknown key {raw_key!r} (value {value!r}); a config file takes {', '.join(RUN_KEYS)}, "
+                f"the engine options {', '.join(sorted(FIELDS))} and the P/D and CPU-tier options "
+                f"{', '.join(TRANSFER_KEYS)}")
     cfg, _ = config_from_mapping(engine, source=str(p))
     return cfg, run
 

@@ -27,6 +27,8 @@ class ReplayResult:
     summary: dict
     rows: list | None = None
     out_dir: Path | None = None
+    #: what the links carried when (kvsim.engine.kvlink.LinkLog): runs with P/D or a CPU tier only
+    link_log: object = None
 
     def requests_df(self):
         import pandas as pd
@@ -78,7 +80,7 @@ def _limited(stream, n):
 
 
 #: the files a replay writes into its output folder
-REPLAY_OUTPUTS = ("requests.csv", "timeline.csv", "timeline.png", "vllm_result.json", "summary.json")
+REPLAY_OUTPUTS = ("requests.csv", "timeline.csv", "links.csv", "timeline.png", "vllm_result.json", "summary.json")
 
 
 def replay(trace, model="llama-3.1-8b", hardware="h100", method=None, config: EngineConfig | None = None,
@@ -124,7 +126,17 @@ def _replay(trace, spec, out, fmt, skip_invalid, progress, keep_rows, fast_forwa
     else:
         req_f = tl_f = None
     keep = keep_rows if keep_rows is not None else out is None
-    rec = Recorder(req_f, tl_f, spec.slo, timeline_interval_s, keep_rows=keep)
+    # KV moved beyond the GPU (P/D, CPU tier): extra request columns, a link log; a plain run gets neither
+    tr = spec.transfer
+    link_log = None
+    extra = {}
+    if tr is not None:
+        from kvsim.engine.kvlink import LinkLog
+        from kvsim.metrics.transfer import TRANSFER_COLUMNS, transfer_values
+
+        link_log = LinkLog(timeline_interval_s)
+        extra = dict(extra_columns=TRANSFER_COLUMNS, extra_values=transfer_values)
+    rec = Recorder(req_f, tl_f, spec.slo, timeline_interval_s, keep_rows=keep, **extra)
     try:
         observers = [rec]
         bar = None
@@ -133,7 +145,8 @@ def _replay(trace, spec, out, fmt, skip_invalid, progress, keep_rows, fast_forwa
             bar = make_bar(total, progress if isinstance(progress, str) else "replay")
             observers.append(ArrivalProgress(bar))
         lengths = length_ratio_for(spec)
-        run = build_run(spec, observers, length_sampler(spec, lengths), fast_forward, check_invariants)
+        run = build_run(spec, observers, length_sampler(spec, lengths), fast_forward, check_invariants,
+                        link_log=link_log)
         wall0 = time.perf_counter()
         # no max_model_len for the reader: an over-long prompt is a request the engine rejects
         # (exceeds_max_model_len) and counts, as vLLM answers it with an error and serves the rest
@@ -147,6 +160,12 @@ def _replay(trace, spec, out, fmt, skip_invalid, progress, keep_rows, fast_forwa
             tl_f.close()
     from kvsim.metrics.summary import build_summary
     summary = build_summary(spec, rec, run.replicas, lengths, run.sim, wall)
+    if tr is not None:
+        from kvsim.metrics.transfer import transfer_summary
+
+        span = max((r.kv_last_s for r in run.replicas), default=0.0) - (rec.first_arrival_s or 0.0)
+        summary.update(transfer_summary(spec, run.replicas, run.cluster, link_log, rec, span))
+        summary["transfer_options"] = tr.nondefault()
     if rec.num_arrivals == 0:
         where = f" {trace}" if isinstance(trace, (str, Path)) else ""
         print(f"kvsim: warning: the trace{where} has no requests; the summary is all zeros", file=sys.stderr)
@@ -155,10 +174,13 @@ def _replay(trace, spec, out, fmt, skip_invalid, progress, keep_rows, fast_forwa
         if result_format == "vllm":
             from kvsim.metrics.summary import vllm_result
             (out / "vllm_result.json").write_text(json.dumps(vllm_result(summary)) + "\n")
+        if link_log is not None:
+            link_log.write_csv(out / "links.csv")
         if plot:
             from kvsim.metrics.plots import plot_timeline
-            plot_timeline(out / "timeline.csv", out / "timeline.png", title=f"{spec.model.name} / {spec.hardware.name} / {spec.method.spec_string()}")
-    return ReplayResult(summary, rec.rows, out)
+            plot_timeline(out / "timeline.csv", out / "timeline.png", title=f"{spec.model.name} / {spec.hardware.name} / {spec.method.spec_string()}",
+                          links_csv=out / "links.csv" if link_log is not None else None)
+    return ReplayResult(summary, rec.rows, out, link_log)
 
 
 def _count_lines(path) -> int | None:

@@ -9,6 +9,7 @@ import sys
 SUBCOMMANDS = {
     "kernels": ("profiler.kernels.cli", "measure attention, linear and method kernels over a grid"),
     "step": ("profiler.kernels.step", "time whole decode steps, eager and as a CUDA graph"),
+    "int4-decode": ("profiler.kernels.int4_decode", "a Triton decode kernel over bf16 and over LMDeploy-style int4 KV"),
     "fit": ("profiler.fit", "turn raw kernel points into a kvsim profile"),
     "lengths": ("profiler.lengths", "measure how compression changes output length on a real model"),
     "import": ("profiler.importers", "convert published profiles (vidur, llmservingsim) to a kvsim profile"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -520,3 +521,20 @@ def test_truncated_header_starts_over(tmp_path):
                progress=False)
     recs = _lines(tmp_path / "raw.jsonl")
     assert recs[0]["record"] == "header" and len(recs) == 1 + len(G.GRIDS["tiny"].num_tokens)
+
+
+def test_int4_decode_kernels_match_a_float64_reference():
+    """kvprof int4-decode's Triton kernels (bf16 and LMDeploy-style int4), run by Triton's interpreter on CPU
+    (in a subprocess: Triton reads TRITON_INTERPRET when it is imported)."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+
+    code = "from profiler.kernels.int4_triton import check; print(check('cpu'))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "TRITON_INTERPRET": "1"}, cwd=Path(__file__).resolve().parents[1])
+    if r.returncode != 0 and "InterpreterError" in r.stderr:
+        pytest.skip(f"Triton's CPU interpreter fails here: {r.stderr.strip().splitlines()[-1]}")
+    assert r.returncode == 0, r.stderr
+    assert float(r.stdout.strip().splitlines()[-1]) < 1e-4

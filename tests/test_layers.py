@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 #: lowest first; a module belongs to the layer of its longest matching prefix
 LAYERS = [
     ("base", ["kvsim", "kvsim.errors", "kvsim.work", "kvsim.outputs"]),
-    ("inputs", ["kvsim.config", "kvsim.specs", "kvsim.workload"]),
+    ("inputs", ["kvsim.config", "kvsim.specs", "kvsim.workload", "kvsim.transfer"]),
     ("methods", ["kvsim.methods"]),
     ("cost", ["kvsim.cost"]),
     ("engine", ["kvsim.engine"]),
@@ -24,7 +24,7 @@ LAYERS = [
     ("tools", ["kvsim.compare", "kvsim.bench", "kvsim.validate", "kvsim.plan", "kvsim.cost.calibrate",
                "kvsim.cost.method_fit"]),
     ("api", ["kvsim.api"]),
-    ("cli", ["kvsim.cli"]),
+    ("cli", ["kvsim.cli", "kvsim.pd_published"]),
     ("profiler", ["profiler"]),
 ]
 

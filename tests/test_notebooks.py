@@ -14,7 +14,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
-EXPECTED = {"capacity_planning.ipynb", "compression_tradeoff.ipynb", "calibration.ipynb"}
+EXPECTED = {"capacity_planning.ipynb", "compression_tradeoff.ipynb", "calibration.ipynb", "disaggregation.ipynb"}
 
 
 def test_notebooks_present():

@@ -167,15 +167,20 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
                    help="vllm: also write result_vllm.json with the flat keys of vLLM's benchmark_serving result "
                         "(mean_ttft_ms, p99_itl_ms, request_throughput, ...) beside summary.json")
     add_engine_args(p)
+    from kvsim.transfer import add_transfer_args
+
+    add_transfer_args(p)
 
 
 def spec_from_args(args, method):
     """The RunSpec a replay-like command's arguments describe."""
     from kvsim.build import make_spec
+    from kvsim.transfer import transfer_config
 
     return make_spec(model_arg(args), args.hardware, method, engine_config(args), args.profile,
                      parse_slo(args.slo), auto_profile=not args.no_profile, lengths=args.lengths,
-                     allow_profile_mismatch=args.allow_profile_mismatch, engine=args.engine)
+                     allow_profile_mismatch=args.allow_profile_mismatch, engine=args.engine,
+                     transfer=transfer_config(args))
 
 
 def add_trace_command(sub, name: str, help: str, func, out_default: str, out_help: str,

@@ -19,6 +19,7 @@ def register(sub) -> None:
 def _cmd_compare(args) -> int:
     from kvsim.compare import compare
     from kvsim.methods import parse_method_list
+    from kvsim.transfer import transfer_config
 
     if not args.methods:
         raise ConfigError("compare: give the methods to compare with --methods (or method: [...] in --config)")
@@ -28,7 +29,7 @@ def _cmd_compare(args) -> int:
                    slo=parse_slo(args.slo), auto_profile=not args.no_profile, lengths=args.lengths, fmt=args.fmt,
                    skip_invalid=args.skip_invalid, rate_scale=args.rate_scale, limit=args.limit,
                    result_format=args.result_format, allow_profile_mismatch=args.allow_profile_mismatch,
-                   engine=args.engine)
+                   engine=args.engine, transfer=transfer_config(args))
     print(Path(args.out, "compare.md").read_text())
     print(f"wrote {args.out}/compare.csv, compare.md, compare.png and one replay folder per method ({len(rows)})")
     return 0

@@ -48,7 +48,15 @@ def _add_plan(sub) -> None:
     p.add_argument("--skip-invalid", action="store_true", help="reject malformed trace lines instead of stopping")
     p.add_argument("--out", default="out/plan", help="writes plan.csv, plan.md, plan_candidates.csv, plan.json")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    d = p.add_argument_group("across the prefill/decode split (kvsim.plan.disagg, docs/disaggregation.md)")
+    d.add_argument("--disagg", action="store_true", help="also search disaggregated clusters: prefill and decode "
+                   "instance counts (and --prefill-tp / --decode-tp) for the fewest GPUs, beside co-located serving")
+    d.add_argument("--prefill-tp", default=None, help="with --disagg: prefill TP degrees to try, e.g. 1,2 (default: --tp)")
+    d.add_argument("--decode-tp", default=None, help="with --disagg: decode TP degrees to try (default: --tp)")
     add_engine_args(p)
+    from kvsim.transfer import add_transfer_args
+
+    add_transfer_args(p)
     p.set_defaults(func=_cmd_plan)
 
 
@@ -76,11 +84,21 @@ def _cmd_plan(args) -> int:
             mrc = (int(a), int(b or 1))
         except ValueError:
             raise ConfigError(f"--max-rate-config {args.max_rate_config!r}: expected REPLICASxTP, e.g. 2x1") from None
+    from kvsim.transfer import transfer_config
+
+    tr = transfer_config(args)
     t0 = time.perf_counter()
+    if args.disagg:
+        return _cmd_plan_disagg(args, cfg, tps, tr, t0)
+    if args.prefill_tp or args.decode_tp:
+        raise ConfigError("plan: --prefill-tp / --decode-tp go with --disagg")
+    if tr is not None and tr.disaggregated:
+        raise ConfigError("plan: the instance counts are what --disagg searches; drop --num-prefill-instances / "
+                          "--num-decode-instances and add --disagg")
     res = plan_capacity(args.trace, args.slo, _method_specs(args.methods or "none"), model_arg(args), args.hardware, tps,
                         cfg, args.rate_scale, args.limit, args.max_replicas, args.max_rate or mrc is not None, mrc,
                         args.rate_tol, args.check_above, args.profile, not args.no_profile, args.fmt,
-                        args.skip_invalid, args.jobs, args.out, progress=not args.quiet)
+                        args.skip_invalid, args.jobs, args.out, progress=not args.quiet, transfer=tr)
     info = res.trace
     rate = info.request_rate
     print(f"kvsim plan: {args.model} on {args.hardware}, trace {args.trace}: {info.count} requests over "
@@ -93,7 +111,43 @@ def _cmd_plan(args) -> int:
     return 0
 
 
-# -- command line -------------------------------------------------------------------------------------------
+def _tp_list(text, flag, default):
+    if not text:
+        return default
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag} {text!r}: expected comma-separated integers") from None
+
+
+def _cmd_plan_disagg(args, cfg, tps, tr, t0) -> int:
+    """``kvsim plan --disagg``: kvsim.plan.disagg.plan_disagg, printed beside the co-located answer."""
+    from kvsim.plan.disagg import plan_disagg
+    from kvsim.plan.planner import _method_specs
+
+    if args.max_rate or args.max_rate_config or args.check_above or args.jobs > 1:
+        raise ConfigError("plan --disagg: --max-rate, --max-rate-config, --check-above and --jobs apply to the "
+                          "co-located search only; run it without --disagg for those")
+    shared = {}
+    if tr is not None:
+        searched = {k: v for k, v in tr.nondefault().items() if k in (
+            "num_prefill_instances", "num_decode_instances", "prefill_tensor_parallel_size", "decode_tensor_parallel_size")}
+        if searched:
+            raise ConfigError(f"plan --disagg searches the instance counts and TP degrees; drop {searched} "
+                              "(use --prefill-tp / --decode-tp for the degrees to try)")
+        shared = tr.nondefault()
+    res = plan_disagg(args.trace, args.slo, _method_specs(args.methods or "none"), model_arg(args), args.hardware,
+                      _tp_list(args.prefill_tp, "--prefill-tp", tps), _tp_list(args.decode_tp, "--decode-tp", tps), cfg,
+                      shared, args.rate_scale, args.limit, args.max_replicas, True, tps, args.profile,
+                      not args.no_profile, args.fmt, args.skip_invalid, args.out, progress=not args.quiet)
+    print(f"kvsim plan --disagg: {args.model} on {args.hardware}, trace {args.trace} at x{args.rate_scale:g}, SLO "
+          f"{', '.join(map(str, res.terms))}; rejected requests count as violations")
+    print(res.format())
+    print(f"{len(res.evaluations)} disaggregated replays in {time.perf_counter() - t0:.1f} s; wrote {args.out}/"
+          "plan_disagg.csv, plan_disagg.md, plan_disagg_candidates.csv, plan_disagg.json", file=sys.stderr)
+    return 0
+
+
 def _add_sweep(sub) -> None:
     from kvsim.plan import sweep
 

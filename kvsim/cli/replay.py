@@ -47,6 +47,11 @@ def cmd_replay(args) -> int:
                  result_format=args.result_format)
     print(format_summary(res.summary))
     extra = " vllm_result.json" if args.result_format == "vllm" else ""
+    if spec.transfer is not None:
+        from kvsim.metrics.transfer import format_transfer
+
+        print(format_transfer(res.summary))
+        extra += " links.csv"
     print(f"  outputs: {args.out}/summary.json requests.csv timeline.csv timeline.png{extra}")
     return 0
 

@@ -478,8 +478,12 @@ def method_ratio_plots(result: dict, out: Path) -> list[Path]:
                     ax.plot(xs, ys, style, color="tab:blue", lw=1.2, label=f"kvsim, {label}")
                 ax.axhline(1.0, color="grey", lw=0.6)
                 ax.set_xscale("log", base=2)
+                # at least 0.85-1.15 shown, so a 1 % wiggle does not look like a trend
+                lo, hi = ax.get_ylim()
+                ax.set_ylim(min(lo, 0.85), max(hi, 1.15))
                 ax.set_title(f"{meth} {stage} vs {axis.replace('_', ' ')}"
-                             f" ({'batch 1' if axis == 'prompt_len' else 'prompt 1024'})", fontsize=8)
+                             f" ({'batch 1' if axis == 'prompt_len' else 'prompt 1024'})"
+                             + ("" if pts else ": not measured"), fontsize=8)
                 ax.tick_params(labelsize=7)
                 if j == 0:
                     ax.legend(fontsize=6)

@@ -19,7 +19,7 @@ def profile_candidates(model: str, hardware: str, tp: int, root: Path | None = N
     """Committed kernel profiles named ``<hardware>__<model>__tp<N>.json`` that kvsim uses without being
     asked: those imported from real serving-engine timings (``imported/``). A kvprof kernel grid
     (``kvprof/``) times eager torch kernels one at a time, launch gaps and a gathered paged cache
-    included; summed into a step it came out 2.5-3x the same step replayed as a CUDA graph on the H200
+    included; summed into a step it came out 2.0-3.0x the same step replayed as a CUDA graph on the H200
     it was measured on (docs/kvprof-kernels.md), so it is used only when given with ``--profile``."""
     root = root or PROFILES_ROOT
     if not root.is_dir():

@@ -31,6 +31,9 @@ class BlockManager:
         self._refs: dict = {}
         self.prefix_queries_tokens = 0
         self.prefix_hit_tokens = 0
+        #: called as (seq, block index, hash) for each block newly named by its hash (the CPU KV tier stores
+        #: it, kvsim.engine.offload); None: nobody listens
+        self.on_register = None
 
     @property
     def num_free(self) -> int:
@@ -117,6 +120,8 @@ class BlockManager:
                 break
             self._refs[h] = 1
             seq.shared_hashes.append(h)
+            if self.on_register is not None:
+                self.on_register(seq, i, h)
 
     def check(self, live) -> None:
         """Assert the conservation invariants (used by tests and --check runs)."""

@@ -34,8 +34,11 @@ class Step:
     # -- filled in by the commit ----------------------------------------------------------------------
     #: the replica that ran it (kvsim.engine.replica.Replica)
     replica: object = None
-    #: sequences that finished at ``end_s``
+    #: sequences that finished at ``end_s`` and leave the engine
     finished: list | None = None
+    #: sequences whose last token was computed at ``end_s`` but that go on elsewhere (a P/D prefill
+    #: instance hands them to a decode instance, kvsim.engine.disagg); None or empty otherwise
+    handed_on: list | None = None
     #: inter-token gaps the step's first token of each decoding sequence closed (a stretch's later steps
     #: add ``len(plan.scheduled)`` gaps of each ``ff_ends`` difference)
     itl: list | None = None

@@ -43,6 +43,8 @@ class KVCacheManager:
         self.grow_to = pool.grow
         #: blocks of generated tokens are hashed too (block i holds tokens i*bs..: only when every token is kept)
         self.hash_generated = self.prefix_sharing and self.keeps_all
+        #: the CPU KV tier (kvsim.engine.offload.CPUTier) prefix hits may load from; None: no tier
+        self.tier = None
 
     # -- capacity (what the scheduler, the replica and the metrics may read) -------------------------
     @property
@@ -57,6 +59,12 @@ class KVCacheManager:
     @property
     def num_used_blocks(self) -> int:
         return self.pool.num_used
+
+    def set_tier(self, tier) -> None:
+        """Attach a CPU KV tier: prefix hits may load from it, and every block newly named by its hash is
+        offered to it (kvsim.engine.offload)."""
+        self.tier = tier
+        self.pool.on_register = tier.on_register
 
     def check(self, live) -> None:
         """Assert the pool's conservation invariants for the live sequences (tests and --check runs)."""
@@ -144,8 +152,19 @@ class KVCacheManager:
         if n:
             self.pool.acquire_prefix(seq, seq.hash_keys, n)
             seq.num_computed = n * self.block_size
-        if seq.num_preemptions == 0:
+        if seq.num_preemptions == 0 and not seq.cpu_hit_tokens:
             seq.prefix_hit_tokens = n * self.block_size
+        if self.tier is not None:
+            # the blocks after the GPU hits that the CPU tier holds are loaded instead of recomputed
+            m = self.tier.lookup(seq.hash_keys, n, max_blocks)
+            if m and self.pool.grow(seq, n + m):
+                self.pool.register_full_blocks(seq, seq.hash_keys, (n + m) * self.block_size)
+                seq.num_computed = (n + m) * self.block_size
+                if seq.num_preemptions == 0:
+                    seq.cpu_hit_tokens += m * self.block_size
+                    self.tier.hit_tokens += m * self.block_size
+                self.tier.load(seq, seq.hash_keys, n, m)
+                return (n + m) * self.block_size
         return n * self.block_size
 
     def free(self, seq: Sequence) -> None:

@@ -61,6 +61,9 @@ class Replica:
         #: start and end of the last step committed (a stretch's last step)
         self._last_start_s = -float("inf")
         self._last_end_s = -float("inf")
+        #: what moves this replica's KV beyond its GPUs (a CPU tier, a P/D side; kvsim.engine.offload and
+        #: kvsim.engine.disagg): each gets ``before_schedule(now)`` at every step boundary; () for a plain replica
+        self.agents = ()
 
     def set_observers(self, observers) -> None:
         """Who hears of this replica's steps and rejections (kvsim.engine.events.Observer)."""
@@ -89,7 +92,8 @@ class Replica:
 
     @property
     def busy(self) -> bool:
-        return bool(self.scheduler.running or self.scheduler.waiting or self.incoming)
+        return (bool(self.scheduler.running or self.scheduler.waiting or self.incoming)
+                or any(a.busy for a in self.agents))
 
     def _admit_incoming(self, now: float, everyone: bool = False) -> None:
         """Async scheduling: hand over the arrivals the scheduler of this step has seen, i.e. those that
@@ -116,6 +120,9 @@ class Replica:
         sched = self.scheduler
         if self.incoming:
             self._admit_incoming(now)
+        if self.agents:
+            for a in self.agents:
+                a.before_schedule(now)
         plan = sched.schedule()
         if sched.dropped:
             self._reject_dropped()
@@ -126,6 +133,10 @@ class Replica:
             plan = sched.schedule()
             if sched.dropped:
                 self._reject_dropped()
+        if not plan.scheduled and self.agents and any(a.unstick() for a in self.agents):
+            # nothing could run, and an agent put first a request that can start at once (a received KV that
+            # the queue's head, preempted after it landed, was waiting behind): plan again
+            plan = sched.schedule()
         if not plan.scheduled:
             return None
         if (self.fast_forward and plan.pure_decode and not plan.preempted and not self.incoming
@@ -137,7 +148,8 @@ class Replica:
         num_decode = kept = max_kept = 0
         chunks = []
         for seq, n in plan.scheduled:
-            if n == 1 and seq.num_computed >= seq.prefill_base:
+            # a received KV's first step recomputes the last prompt token over the received (kept) cache: a decode
+            if n == 1 and (seq.num_computed >= seq.prefill_base or seq.kv_received):
                 num_decode += 1
                 k = seq.num_computed + 1 if keeps_all else meth.kept_tokens(seq.prefill_base, seq.num_computed + 1)
                 kept += k
@@ -324,6 +336,14 @@ class Replica:
             full -= f_full * full_bpt
         self._kv_held_now, self._kv_full_now, self.kv_last_s = held, full, t
 
+    def _finish(self, s: Sequence, t: float) -> bool:
+        """A sequence generated its last token at ``t``: it leaves (True; the step event lists it as finished),
+        or a P/D prefill side hands it on instead (False; kvsim.engine.disagg)."""
+        self.kv.free(s)
+        s.status = FINISHED
+        self.outstanding_tokens -= s.prompt_tokens + s.output_tokens
+        return True
+
     def truncate(self, t_s: float) -> bool:
         """A request arrived here at ``t_s`` during a fast-forward stretch: keep only the steps up to
         the first one that ends at or after ``t_s`` (stepping would plan anew right after it).
@@ -393,15 +413,19 @@ class Replica:
             p.itl = itl
         p.kv_blocks_used = kv.num_used_blocks
         self._account_kv(p, t, finished)
+        finished_here, handed_on = finished, None
         if finished:
             done = set(map(id, finished))
             sched.running = [s for s in sched.running if id(s) not in done]
+            handed_on = []
             for s in finished:
-                kv.free(s)
-                s.status = FINISHED
-                self.outstanding_tokens -= s.prompt_tokens + s.output_tokens
+                if not self._finish(s, t):
+                    handed_on.append(s)
+            if handed_on:
+                finished_here = [s for s in finished if s not in handed_on]
         p.replica = self
-        p.finished = finished
+        p.finished = finished_here
+        p.handed_on = handed_on
         for f in self._on_step:
             f(p)
         return finished

@@ -63,6 +63,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.kv.free(seq)
         seq.num_computed = 0
+        seq.kv_received = False  # a received KV is gone too: the recompute is a local prefill
         seq.prefill_base = seq.num_tokens
         seq.num_preemptions += 1
         self.num_preemptions += 1
@@ -86,6 +87,8 @@ class Scheduler:
         kv = self.kv
         if seq.num_computed == 0:
             kv.start(seq)
+            if seq.kv_pending:
+                return -1  # prefix blocks loading from the CPU tier: it waits for them (kvsim.engine.offload)
         need = seq.num_tokens - seq.num_computed
         if need > budget and not self.enable_chunked_prefill:
             self._undo_start(seq)
@@ -153,6 +156,9 @@ class Scheduler:
             if whole_prompts and seq.num_tokens - seq.num_computed > budget:
                 break
             n = self._admit(seq, budget, plan)
+            if n < 0:
+                waiting.popleft()  # holds its blocks outside the queues until its load lands; the next one may go
+                continue
             if n == 0:
                 break
             waiting.popleft()

@@ -14,6 +14,8 @@ class Sequence:
         "req", "index", "prompt_tokens", "output_tokens", "generated", "num_computed", "prefill_base",
         "blocks", "shared_hashes", "reserved", "arrival_s", "first_token_s", "last_token_s",
         "num_preemptions", "prefix_hit_tokens", "status", "hash_keys", "replica",
+        # KV moved beyond the GPU (kvsim.engine.disagg, kvsim.engine.offload); untouched by co-located runs
+        "kv_received", "kv_pending", "xfer", "kv_offload_bytes", "kv_onload_bytes", "cpu_hit_tokens",
     )
 
     def __init__(self, req: Request, index: int, output_tokens: int):
@@ -45,6 +47,16 @@ class Sequence:
         self.prefix_hit_tokens = 0
         self.status = WAITING
         self.replica = -1
+        #: the prompt's KV came from a prefill instance: the first step here recomputes the last prompt
+        #: token to sample the first output token, a decode over the received cache (vLLM's P/D)
+        self.kv_received = False
+        #: holds blocks while a transfer into them is in flight (not in the scheduler's queues meanwhile)
+        self.kv_pending = False
+        #: the P/D transfer record (kvsim.engine.disagg.Transfer), shared by the prefill- and decode-side sequences
+        self.xfer = None
+        self.kv_offload_bytes = 0.0
+        self.kv_onload_bytes = 0.0
+        self.cpu_hit_tokens = 0
 
     @property
     def num_tokens(self) -> int:

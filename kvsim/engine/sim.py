@@ -89,6 +89,8 @@ class Simulation:
         self.live: dict[int, Sequence] = {}
         self._single = len(replicas) == 1
         self._procs: dict = {}
+        #: replicas by id: a transfer started by one replica's agent may land on another (kvsim.engine.disagg)
+        self._by_id = {r.id: r for r in replicas}
         # lockstep groups (replica.lockstep_group not None); the router's units: groups and standalone replicas
         groups: dict = {}
         self._units: list = []
@@ -173,6 +175,8 @@ class Simulation:
             # one replica: stretches stop at the next arrival; several: at the next arrival routed
             # to this replica, which interrupts the stretch (see _arrivals)
             p = r.begin(env.now, self.next_arrival_s if self._single else math.inf)
+            if r.agents:
+                self._wakeups(r)
             if p is None:
                 ev = self._wake[r.id] = Event(env)
                 yield ev
@@ -182,8 +186,40 @@ class Simulation:
             # a request routed here mid-stretch may cut it short and move this wait (_arrivals)
             yield env.at(p.end_s, NORMAL)
             finished = r.commit()
+            if r.agents:
+                self._wakeups(r)
             if self.check_invariants:
                 self._check(r, finished)
+
+    # -- KV moved beyond the GPU (kvsim.engine.offload, kvsim.engine.disagg) ---------------------------------
+    def _wakeups(self, r: Replica) -> None:
+        """Transfers r's agents started land at known times: the replica they land on plans anew at its first
+        step boundary at or after each (as an arrival makes it), whether or not its decode steps are
+        fast-forwarded."""
+        for a in r.agents:
+            if a.wakeups:
+                todo, a.wakeups = a.wakeups, []
+                for rid, t in todo:
+                    self._poke(self._by_id[rid], t, own=rid == r.id)
+
+    def _poke(self, r: Replica, t: float, own: bool = False) -> None:
+        if own and r.pending is not None:
+            r.truncate(t)  # its process is the one running: the step it just planned is cut before it waits
+        if t <= self.env.now and not own:
+            self._nudge(r, t)
+            return
+        # later, or r's own process about to wait: an event at t (now at the earliest) does it
+        ev = self.env.at(t)
+        ev.callbacks.append(lambda _e: self._nudge(r, t))
+
+    def _nudge(self, r: Replica, t: float) -> None:
+        """What an arrival routed to r at ``t`` does to its process: wake it, or cut its stretch at ``t``."""
+        ev = self._wake[self._wake_key[r.id]]
+        if ev is not None and not ev.triggered:
+            ev.succeed()
+        elif r.truncate(t):
+            self.num_events += 1
+            self.env.wait_instead(self._procs[r.id], r.pending.end_s, NORMAL)
 
     def _check(self, r: Replica, finished) -> None:
         for s in finished:

@@ -88,8 +88,9 @@ class GEAR(Method):
     name = "gear"
     paper = ("Kang et al., 'GEAR: An Efficient KV Cache Compression Recipe for Near-Lossless Generative "
              "Inference of LLM', arXiv:2403.05527, 2024")
-    runtime_needs = ("quantize/pack and fused dequant kernels (KIVI's), power-iteration low-rank solver, "
-                     "top-k outlier extraction; per-request contiguous tensors with a 64-token full-precision buffer")
+    runtime_needs = ("lmdeploy: LMDeploy's int4 KV cache (quant_policy=4); reference: quantize/pack and fused dequant "
+                     "kernels (KIVI's), power-iteration low-rank solver, top-k outlier extraction, per-request "
+                     "contiguous tensors with a 64-token full-precision buffer")
     shares_prefix = False
     IMPLEMENTATIONS = GEAR_IMPLEMENTATIONS
 

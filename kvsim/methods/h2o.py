@@ -107,8 +107,9 @@ class H2O(Method):
     name = "h2o"
     paper = ("Zhang et al., 'H2O: Heavy-Hitter Oracle for Efficient Generative Inference of Large Language "
              "Models', NeurIPS 2023, arXiv:2306.14048")
-    runtime_needs = ("attention probabilities at every step (eager attention, no FlashAttention), an fp32 score "
-                     "accumulator per KV head and token, per-request contiguous cache of budget tokens")
+    runtime_needs = ("attention scores: lmdeploy, an extra score kernel in prefill and a one-time block cut; "
+                     "reference, probabilities at every step (eager attention), an fp32 score accumulator per KV "
+                     "head and token and a per-request contiguous cache of budget tokens")
     shares_prefix = False
     IMPLEMENTATIONS = H2O_IMPLEMENTATIONS
 

@@ -69,8 +69,8 @@ class H2OKIVI(Method):
     name = "h2o_kivi"
     paper = ("combination of H2O (Zhang et al., NeurIPS 2023, arXiv:2306.14048) and KIVI (Liu et al., ICML 2024, "
              "arXiv:2402.02750); sparse + quantized KV as in Q-Hitter (Zhang et al., MLSys 2024)")
-    runtime_needs = ("everything h2o needs (eager attention, per-KV-head score accumulator) plus KIVI's quantize "
-                     "and dequant-GEMV kernels; per-request contiguous cache of budget tokens")
+    runtime_needs = ("everything h2o needs (composed: LMDeploy's score kernel and cut; reference: eager attention "
+                     "and a score accumulator) plus an integer KV cache and its dequantising attention")
     shares_prefix = False
     IMPLEMENTATIONS = H2O_KIVI_IMPLEMENTATIONS
 

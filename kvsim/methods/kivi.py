@@ -143,8 +143,9 @@ class KIVI(Method):
     name = "kivi"
     paper = ("Liu et al., 'KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV Cache', ICML 2024, "
              "arXiv:2402.02750")
-    runtime_needs = ("KIVI's Triton quantize/pack and CUDA dequant-GEMV kernels; per-request contiguous "
-                     "tensors (HF-style, grown by torch.cat); residual_length full-precision tokens per request")
+    runtime_needs = ("a quantise-on-write cache kernel and an attention kernel that dequantises int codes (lmdeploy: "
+                     "fused Triton paged kernel, one fp16 block of recent tokens; reference: KIVI's CUDA kernels on "
+                     "contiguous tensors grown by torch.cat, residual_length full-precision tokens)")
     shares_prefix = False
     IMPLEMENTATIONS = KIVI_IMPLEMENTATIONS
 

@@ -62,7 +62,8 @@ class StreamingLLM(Method):
     name = "streamingllm"
     paper = ("Xiao et al., 'Efficient Streaming Language Models with Attention Sinks', ICLR 2024, "
              "arXiv:2309.17453")
-    runtime_needs = "sliding-window KV eviction with pinned sink blocks (block recycling); no attention scores"
+    runtime_needs = ("no attention scores; lmdeploy: a block copy when prefill ends; sliding: window eviction with "
+                     "pinned sink blocks (block recycling)")
     shares_prefix = False
 
     IMPLEMENTATIONS = STREAMING_IMPLEMENTATIONS

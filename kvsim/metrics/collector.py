@@ -33,10 +33,16 @@ def _fmt(x) -> str:
 
 class Recorder(Observer):
     def __init__(self, requests_out: io.TextIOBase | None = None, timeline_out: io.TextIOBase | None = None,
-                 slo: SLO | None = None, timeline_interval_s: float = 1.0, keep_rows: bool = False):
+                 slo: SLO | None = None, timeline_interval_s: float = 1.0, keep_rows: bool = False,
+                 extra_columns: tuple = (), extra_values=None):
+        #: columns after REQUEST_COLUMNS and the function giving a completed sequence's values for them (runs
+        #: that move KV beyond the GPU add theirs, kvsim.metrics.transfer.TRANSFER_COLUMNS); none by default
+        self.columns = REQUEST_COLUMNS + list(extra_columns)
+        self._extra_values = extra_values if extra_columns else None
+        self._extra_none = [None] * len(extra_columns)
         self._req_writer = csv.writer(requests_out, lineterminator="\n") if requests_out else None
         if self._req_writer:
-            self._req_writer.writerow(REQUEST_COLUMNS)
+            self._req_writer.writerow(self.columns)
         self._tl_writer = csv.writer(timeline_out, lineterminator="\n") if timeline_out else None
         if self._tl_writer:
             self._tl_writer.writerow(TIMELINE_COLUMNS)
@@ -78,8 +84,9 @@ class Recorder(Observer):
 
     def on_reject(self, request_id: str, arrival_time_s, prompt_tokens, output_tokens, reason: str, replica: int = -1) -> None:
         self.rejected[reason] += 1
-        self._row([request_id, replica, "rejected", reason, arrival_time_s, prompt_tokens, output_tokens,
-                   None, None, None, None, None, None, None, 0, 0])
+        row = [request_id, replica, "rejected", reason, arrival_time_s, prompt_tokens, output_tokens,
+               None, None, None, None, None, None, None, 0, 0]
+        self._row(row + self._extra_none if self._extra_values else row)
 
     # -- engine events ----------------------------------------------------------------------------------
     def on_step(self, ev: Step) -> None:
@@ -108,7 +115,8 @@ class Recorder(Observer):
         r = ev.replica
         sched = r.scheduler
         last = self._tl_last.get(r.id)
-        if last is None or t - last >= self.timeline_interval_s or (finished and not sched.running and not sched.waiting):
+        if last is None or t - last >= self.timeline_interval_s or (
+                (finished or ev.handed_on) and not sched.running and not sched.waiting):
             self._tl_last[r.id] = t
             if self._tl_writer:
                 kv = r.kv
@@ -148,13 +156,14 @@ class Recorder(Observer):
             self.last_finish_s = t
         if self._req_writer is None and self.rows is None:
             return  # no requests.csv and no rows kept: the row would be thrown away
-        self._row([seq.req.request_id, seq.replica, "completed", None, seq.arrival_s, seq.prompt_tokens,
-                   seq.req.output_tokens, seq.generated, seq.output_tokens / seq.req.output_tokens,
-                   seq.first_token_s, t, ttft_s * 1e3, tpot_s * 1e3, e2el_s * 1e3,
-                   seq.num_preemptions, seq.prefix_hit_tokens])
+        row = [seq.req.request_id, seq.replica, "completed", None, seq.arrival_s, seq.prompt_tokens,
+               seq.req.output_tokens, seq.generated, seq.output_tokens / seq.req.output_tokens,
+               seq.first_token_s, t, ttft_s * 1e3, tpot_s * 1e3, e2el_s * 1e3,
+               seq.num_preemptions, seq.prefix_hit_tokens]
+        self._row(row + self._extra_values(seq) if self._extra_values else row)
 
     def _row(self, values: list) -> None:
         if self._req_writer:
             self._req_writer.writerow([_fmt(v) for v in values])
         if self.rows is not None:
-            self.rows.append(dict(zip(REQUEST_COLUMNS, values)))
+            self.rows.append(dict(zip(self.columns, values)))

@@ -139,7 +139,8 @@ class Planner:
 
     def __init__(self, trace, slo, model="llama-3.1-8b", hardware="h100", config: EngineConfig | None = None,
                  profile=None, auto_profile: bool = True, fmt=None, skip_invalid: bool = False,
-                 limit: int | None = None, rate_scale: float = 1.0, keep_summaries: bool = False):
+                 limit: int | None = None, rate_scale: float = 1.0, keep_summaries: bool = False,
+                 transfer=None):
         if not isinstance(trace, (str, Path)):
             trace = list(trace)
         self.trace = trace
@@ -154,6 +155,8 @@ class Planner:
             raise ConfigError(f"rate_scale={rate_scale} must be a finite number > 0")
         self.rate_scale = float(rate_scale)
         self.keep_summaries = keep_summaries
+        #: options every co-located point shares beyond the engine's: the CPU KV tier (kvsim.transfer)
+        self.co_transfer = transfer
         self.info = trace_info(trace, fmt, skip_invalid, limit)
         if self.info.count == 0:
             raise ConfigError(f"plan: trace {trace!r} has no requests")
@@ -197,7 +200,7 @@ class Planner:
         ev = Evaluation(meth, int(tensor_parallel_size), int(num_replicas), rs, False)
         try:
             spec = make_spec(self.model, self.hardware, meth, cfg, self.profile, goodput_slo(self.terms),
-                                 auto_profile=self.auto_profile)
+                             auto_profile=self.auto_profile, transfer=self.co_transfer)
             res = replay(self._stream(rs), spec=spec, fmt=self.fmt, skip_invalid=self.skip_invalid,
                              keep_rows=False, plot=False, progress=False, rate_scale=rs, limit=self.limit)
         except KvsimError as e:
@@ -405,7 +408,7 @@ def plan_capacity(trace, slo, methods=("none",), model="llama-3.1-8b", hardware=
                   limit: int | None = None, max_replicas: int = 64, max_rate: bool = False,
                   max_rate_config: tuple[int, int] | None = None, rate_tol: float = 0.02, check_above: bool = False,
                   profile=None, auto_profile: bool = True, fmt=None, skip_invalid: bool = False, jobs: int = 1,
-                  out_dir=None, progress: bool = False) -> PlanResult:
+                  out_dir=None, progress: bool = False, transfer=None) -> PlanResult:
     """Per method, the fewest GPUs (replicas x TP from ``tensor_parallel_sizes``) meeting ``slo``.
 
     With ``max_rate``, also the highest rate each method's planned configuration sustains (or the fixed
@@ -415,7 +418,8 @@ def plan_capacity(trace, slo, methods=("none",), model="llama-3.1-8b", hardware=
     from kvsim.methods import parse_method
 
     specs = _method_specs(methods) if isinstance(methods, str) else [parse_method(m).spec_string() for m in methods]
-    planner = Planner(trace, slo, model, hardware, config, profile, auto_profile, fmt, skip_invalid, limit, rate_scale)
+    planner = Planner(trace, slo, model, hardware, config, profile, auto_profile, fmt, skip_invalid, limit, rate_scale,
+                      transfer=transfer)
     tps = sorted({int(t) for t in tensor_parallel_sizes})
     tasks = [(planner, m, tp, max_replicas, check_above) for m in specs for tp in tps]
     bar = None

@@ -47,7 +47,8 @@ def _replay(trace, *args):
     return ["replay", trace, "--out", "{out}", "--quiet", *args]
 
 
-#: name -> kvsim argv ({out}: the run's output folder, {shared}: ../shared, {tmp}: a scratch folder)
+#: name -> kvsim argv ({out}: the run's output folder, {shared}: ../shared, {tmp}: a scratch folder, {profiles}: the
+#: committed profiles)
 RUNS: dict[str, list[str]] = {
     # every method, one table and one replay folder each, on the same trace and seed
     "compare_methods": ["compare", SAMPLE, "--limit", "120", "--methods", ",".join(METHODS), "--out", "{out}", "--quiet"],
@@ -67,7 +68,7 @@ RUNS: dict[str, list[str]] = {
                                   "--tensor-parallel-size", "2"),
     "replay_profile_4090": _replay(SAMPLE, "--limit", "150", "--hardware", "rtx-4090", "--method", "snapkv"),
     "replay_profile_h200_kvprof": _replay(SAMPLE, "--limit", "150", "--hardware", "h200", "--method", "kivi:bits=4",
-                                          "--profile", "kvsim/profiles/kvprof/h200__llama-3.1-8b__tp1.json"),
+                                          "--profile", "{profiles}/kvprof/h200__llama-3.1-8b__tp1.json"),
     "replay_replicas_rr": _replay(SAMPLE, "--num-replicas", "3", "--router", "round-robin", "--rate-scale", "4"),
     "replay_replicas_lot": _replay(SAMPLE, "--num-replicas", "2", "--rate-scale", "4", "--method", "streamingllm"),
     "replay_dp_ep_lockstep": _replay(SAMPLE, "--limit", "200", "--model", "qwen3-30b-a3b", "--hardware",
@@ -87,6 +88,14 @@ RUNS: dict[str, list[str]] = {
     "replay_azure": _replay(AZURE, "--limit", "2000", "--lengths", "published", "--method", "gear"),
     "replay_lengths_trace": _replay(SAMPLE, "--limit", "100", "--lengths", "trace", "--method", "h2o",
                                     "--slo", "ttft_ms=500,tpot_ms=50"),
+    # disaggregated prefill/decode and the CPU KV tier (issue 19): recorded on main when it landed there
+    "replay_pd_whole": _replay(SAMPLE, "--limit", "120", "--num-prefill-instances", "1", "--num-decode-instances", "2",
+                               "--kv-transfer-link", "rdma-100g", "--method", "kivi"),
+    "replay_pd_layerwise": _replay(SAMPLE, "--limit", "120", "--num-prefill-instances", "2", "--num-decode-instances",
+                                   "1", "--kv-transfer-link", "pcie-gen5-x16", "--kv-transfer-mode", "layerwise",
+                                   "--decode-tensor-parallel-size", "2"),
+    "replay_cpu_tier": _replay(MOONCAKE, "--limit", "200", "--kv-offloading-size", "8", "--num-gpu-blocks-override",
+                               "3000"),
     "validate_all": ["validate", *(f"{VALIDATION}/{c}" for c in CASES), "--out", "{out}", "--quiet", "--no-plot"],
     "validate_roofline": ["validate", f"{VALIDATION}/lss_rtx4090_llama31-8b_tp1_mns128",
                           f"{VALIDATION}/ist_h100_llama-2-7b-tp1-roleplay", "--no-profile", "--arrivals", "workload",
@@ -175,7 +184,9 @@ def run_one(name: str, out_root: Path) -> dict[str, str]:
     tmp.mkdir(parents=True, exist_ok=True)
     (tmp / "grid.yaml").write_text(GRID_YAML)
     (tmp / "async.yaml").write_text("async_scheduling: true\n")
-    argv = [a.format(out=out, shared=SHARED, tmp=tmp) for a in RUNS[name]]
+    # the committed profiles' folder (kvsim/profiles since issue 17; profiles/ before, for the "before" runs)
+    profiles = "kvsim/profiles" if (REPO / "kvsim" / "profiles").is_dir() else "profiles"
+    argv = [a.format(out=out, shared=SHARED, tmp=tmp, profiles=profiles) for a in RUNS[name]]
     buf = io.StringIO()
     with contextlib.chdir(REPO), contextlib.redirect_stdout(buf):
         rc = main(argv)
