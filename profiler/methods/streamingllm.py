@@ -36,10 +36,10 @@ class StreamingLLM(MethodSupport):
     store = StreamingStore
 
     def prefill_extra(self, c, m, C, KV):
-        s, e = c.s, c.esize
+        s = c.s
         return Bench(lambda kk, vv: ops.streaming_compress(kk, vv, m.sink, m.window),
-                     lambda r: (c.rnd(1, s.hkv, KV, s.d), c.rnd(1, s.hkv, KV, s.d)),
-                     bytes=4.0 * e * s.hkv * s.d * min(KV, m.sink + m.window))
+                     lambda r: c.contiguous_cache(1, KV),
+                     bytes=4.0 * c.esize * s.hkv * s.d * min(KV, m.sink + m.window))
 
     def decode_attention(self, c, m, B, KV):
         s, e = c.s, c.esize
