@@ -31,19 +31,19 @@ class Step:
     ff_ends: list = field(default_factory=list)
     #: a stretch's steps as (kept-token sum, largest kept count, step time), when an observer asked
     ff_shapes: list | None = None
-    # -- filled in by the commit ----------------------------------------------------------------------
+    # -- filled in by the commit (not set before it: a planned step carries none of these) --------------
     #: the replica that ran it (kvsim.engine.replica.Replica)
-    replica: object = None
+    replica: object = field(init=False)
     #: sequences that finished at ``end_s`` and leave the engine
-    finished: list | None = None
+    finished: list = field(init=False)
     #: sequences whose last token was computed at ``end_s`` but that go on elsewhere (a P/D prefill
     #: instance hands them to a decode instance, kvsim.engine.disagg); None or empty otherwise
-    handed_on: list | None = None
+    handed_on: list | None = field(init=False)
     #: inter-token gaps the step's first token of each decoding sequence closed (a stretch's later steps
     #: add ``len(plan.scheduled)`` gaps of each ``ff_ends`` difference)
-    itl: list | None = None
+    itl: list = field(init=False)
     #: KV blocks in use at the step's end, before the finished sequences give theirs back
-    kv_blocks_used: int = 0
+    kv_blocks_used: int = field(init=False)
 
     @property
     def num_steps(self) -> int:

@@ -41,6 +41,8 @@ class KVCacheManager:
         #: give ``seq`` blocks until it holds ``target`` (False, and no change, when too few are free):
         #: the pool's own method, for the replica's fast-forward commit
         self.grow_to = pool.grow
+        #: blocks in use now, as a call (the replica's commit reads it every step)
+        self.used_blocks = pool.used
         #: blocks of generated tokens are hashed too (block i holds tokens i*bs..: only when every token is kept)
         self.hash_generated = self.prefix_sharing and self.keeps_all
         #: the CPU KV tier (kvsim.engine.offload.CPUTier) prefix hits may load from; None: no tier

@@ -411,7 +411,7 @@ class Replica:
                     if s.generated == s.output_tokens:
                         finished.append(s)
             p.itl = itl
-        p.kv_blocks_used = kv.num_used_blocks
+        p.kv_blocks_used = kv.used_blocks()
         self._account_kv(p, t, finished)
         finished_here, handed_on = finished, None
         if finished:

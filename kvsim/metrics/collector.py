@@ -100,26 +100,28 @@ class Recorder(Observer):
         if k > 1:
             # what stepping records: differences of consecutive end times; a batch of B gets B samples each
             itl.add_many([b - a for a, b in pairwise(ev.ff_ends)], batch)
+        else:
+            k = 1
         # step() and kv_used(), inlined: this runs once per committed step
-        n = k or 1
-        self.num_steps += n
-        self.batch_size_sum += batch * n
+        self.num_steps += k
+        self.batch_size_sum += batch * k
         if batch > self.peak_batch_size:
             self.peak_batch_size = batch
-        if ev.kv_blocks_used > self.peak_kv_blocks:
-            self.peak_kv_blocks = ev.kv_blocks_used
+        used = ev.kv_blocks_used
+        if used > self.peak_kv_blocks:
+            self.peak_kv_blocks = used
         t = ev.end_s
         finished = ev.finished
-        for s in finished:
-            self.finish(s, t)
+        if finished:
+            for s in finished:
+                self.finish(s, t)
         r = ev.replica
-        sched = r.scheduler
         last = self._tl_last.get(r.id)
         if last is None or t - last >= self.timeline_interval_s or (
-                (finished or ev.handed_on) and not sched.running and not sched.waiting):
+                (finished or ev.handed_on) and not r.scheduler.running and not r.scheduler.waiting):
             self._tl_last[r.id] = t
             if self._tl_writer:
-                kv = r.kv
+                sched, kv = r.scheduler, r.kv
                 self._tl_writer.writerow([_fmt(t), r.id, len(sched.running), len(sched.waiting), kv.num_used_blocks,
                                           kv.num_blocks])
 
