@@ -144,41 +144,4 @@ def transfer_from_mapping(data: dict, source: str = "options") -> TransferConfig
 KEYS = tuple(FIELDS) + tuple(ALIASES)
 
 
-def add_transfer_args(p) -> None:
-    """The command-line flags (argparse), one group."""
-    g = p.add_argument_group("disaggregated prefill/decode and CPU KV tier (off by default; docs/disaggregation.md)")
-    g.add_argument("--num-prefill-instances", metavar="N", dest="num_prefill_instances", type=int, default=None,
-                   help="prefill instances of a disaggregated cluster (with --num-decode-instances; default: 0, co-located)")
-    g.add_argument("--num-decode-instances", metavar="N", dest="num_decode_instances", type=int, default=None,
-                   help="decode instances of a disaggregated cluster")
-    g.add_argument("--prefill-tensor-parallel-size", metavar="TP", dest="prefill_tensor_parallel_size", type=int, default=None,
-                   help="GPUs per prefill instance (default: --tensor-parallel-size)")
-    g.add_argument("--decode-tensor-parallel-size", metavar="TP", dest="decode_tensor_parallel_size", type=int, default=None,
-                   help="GPUs per decode instance (default: --tensor-parallel-size)")
-    g.add_argument("--kv-transfer-link", metavar="NAME", dest="kv_transfer_link", default=None,
-                   help="prefill -> decode link, one per GPU: nvlink-3, nvlink-4, pcie-gen4-x16, pcie-gen5-x16, "
-                        "rdma-100g, rdma-200g, rdma-400g, infinite (default: rdma-400g)")
-    g.add_argument("--kv-transfer-latency-us", metavar="US", dest="kv_transfer_latency_us", type=float, default=None,
-                   help="override the link's per-transfer latency (microseconds)")
-    g.add_argument("--kv-transfer-mode", dest="kv_transfer_mode", choices=TRANSFER_MODES, default=None,
-                   help="whole: the decode instance pulls the cache after prefill (vLLM NixlConnector, default); "
-                        "layerwise: pushed layer by layer during the last prefill step")
-    g.add_argument("--prefill-router", dest="prefill_router", choices=SIDE_ROUTERS, default=None,
-                   help="how a request picks its prefill instance (default: least-outstanding-tokens)")
-    g.add_argument("--decode-router", dest="decode_router", choices=SIDE_ROUTERS, default=None,
-                   help="how a request picks its decode instance (default: least-outstanding-tokens)")
-    g.add_argument("--kv-offloading-size", "--kv-offload-gib", metavar="GIB", dest="kv_offloading_size", type=float, default=None,
-                   help="CPU KV tier: GiB of host memory per instance (vLLM's --kv-offloading-size; default: no tier)")
-    g.add_argument("--kv-offload-link", metavar="NAME", dest="kv_offload_link", default=None,
-                   help="GPU <-> host link of the CPU tier (default: the GPU's own PCIe, specs/data/links.yaml)")
-    g.add_argument("--kv-offload-latency-us", metavar="US", dest="kv_offload_latency_us", type=float, default=None,
-                   help="override the host link's per-transfer latency (microseconds)")
-
-
-def transfer_config(args) -> TransferConfig | None:
-    """The options given on the command line (or by the --config file, already applied to ``args``)."""
-    vals = {k: getattr(args, k, None) for k in FIELDS}
-    return transfer_from_mapping({k: v for k, v in vals.items() if v is not None}, source="command line / --config file")
-
-
-__all__ = ["TransferConfig", "transfer_from_mapping", "add_transfer_args", "transfer_config", "KEYS"]
+__all__ = ["TransferConfig", "transfer_from_mapping", "KEYS", "TRANSFER_MODES", "SIDE_ROUTERS"]

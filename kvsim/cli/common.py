@@ -167,15 +167,53 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
                    help="vllm: also write result_vllm.json with the flat keys of vLLM's benchmark_serving result "
                         "(mean_ttft_ms, p99_itl_ms, request_throughput, ...) beside summary.json")
     add_engine_args(p)
-    from kvsim.transfer import add_transfer_args
-
     add_transfer_args(p)
+
+
+def add_transfer_args(p) -> None:
+    """The flags of kvsim.transfer.TransferConfig (P/D disaggregation, CPU KV tier), one group."""
+    from kvsim.transfer import SIDE_ROUTERS, TRANSFER_MODES
+
+    g = p.add_argument_group("disaggregated prefill/decode and CPU KV tier (off by default; docs/disaggregation.md)")
+    g.add_argument("--num-prefill-instances", metavar="N", dest="num_prefill_instances", type=int, default=None,
+                   help="prefill instances of a disaggregated cluster (with --num-decode-instances; default: 0, co-located)")
+    g.add_argument("--num-decode-instances", metavar="N", dest="num_decode_instances", type=int, default=None,
+                   help="decode instances of a disaggregated cluster")
+    g.add_argument("--prefill-tensor-parallel-size", metavar="TP", dest="prefill_tensor_parallel_size", type=int, default=None,
+                   help="GPUs per prefill instance (default: --tensor-parallel-size)")
+    g.add_argument("--decode-tensor-parallel-size", metavar="TP", dest="decode_tensor_parallel_size", type=int, default=None,
+                   help="GPUs per decode instance (default: --tensor-parallel-size)")
+    g.add_argument("--kv-transfer-link", metavar="NAME", dest="kv_transfer_link", default=None,
+                   help="prefill -> decode link, one per GPU: nvlink-3, nvlink-4, pcie-gen4-x16, pcie-gen5-x16, "
+                        "rdma-100g, rdma-200g, rdma-400g, infinite (default: rdma-400g)")
+    g.add_argument("--kv-transfer-latency-us", metavar="US", dest="kv_transfer_latency_us", type=float, default=None,
+                   help="override the link's per-transfer latency (microseconds)")
+    g.add_argument("--kv-transfer-mode", dest="kv_transfer_mode", choices=TRANSFER_MODES, default=None,
+                   help="whole: the decode instance pulls the cache after prefill (vLLM NixlConnector, default); "
+                        "layerwise: pushed layer by layer during the last prefill step")
+    g.add_argument("--prefill-router", dest="prefill_router", choices=SIDE_ROUTERS, default=None,
+                   help="how a request picks its prefill instance (default: least-outstanding-tokens)")
+    g.add_argument("--decode-router", dest="decode_router", choices=SIDE_ROUTERS, default=None,
+                   help="how a request picks its decode instance (default: least-outstanding-tokens)")
+    g.add_argument("--kv-offloading-size", "--kv-offload-gib", metavar="GIB", dest="kv_offloading_size", type=float, default=None,
+                   help="CPU KV tier: GiB of host memory per instance (vLLM's --kv-offloading-size; default: no tier)")
+    g.add_argument("--kv-offload-link", metavar="NAME", dest="kv_offload_link", default=None,
+                   help="GPU <-> host link of the CPU tier (default: the GPU's own PCIe, specs/data/links.yaml)")
+    g.add_argument("--kv-offload-latency-us", metavar="US", dest="kv_offload_latency_us", type=float, default=None,
+                   help="override the host link's per-transfer latency (microseconds)")
+
+
+def transfer_config(args):
+    """The options given on the command line (or by the --config file, already applied to ``args``)."""
+    from kvsim.transfer import FIELDS, transfer_from_mapping
+
+    vals = {k: getattr(args, k, None) for k in FIELDS}
+    return transfer_from_mapping({k: v for k, v in vals.items() if v is not None}, source="command line / --config file")
 
 
 def spec_from_args(args, method):
     """The RunSpec a replay-like command's arguments describe."""
     from kvsim.build import make_spec
-    from kvsim.transfer import transfer_config
 
     return make_spec(model_arg(args), args.hardware, method, engine_config(args), args.profile,
                      parse_slo(args.slo), auto_profile=not args.no_profile, lengths=args.lengths,

@@ -19,7 +19,7 @@ def register(sub) -> None:
 def _cmd_compare(args) -> int:
     from kvsim.compare import compare
     from kvsim.methods import parse_method_list
-    from kvsim.transfer import transfer_config
+    from kvsim.cli.common import transfer_config
 
     if not args.methods:
         raise ConfigError("compare: give the methods to compare with --methods (or method: [...] in --config)")

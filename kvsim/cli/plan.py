@@ -54,7 +54,7 @@ def _add_plan(sub) -> None:
     d.add_argument("--prefill-tp", default=None, help="with --disagg: prefill TP degrees to try, e.g. 1,2 (default: --tp)")
     d.add_argument("--decode-tp", default=None, help="with --disagg: decode TP degrees to try (default: --tp)")
     add_engine_args(p)
-    from kvsim.transfer import add_transfer_args
+    from kvsim.cli.common import add_transfer_args
 
     add_transfer_args(p)
     p.set_defaults(func=_cmd_plan)
@@ -84,7 +84,7 @@ def _cmd_plan(args) -> int:
             mrc = (int(a), int(b or 1))
         except ValueError:
             raise ConfigError(f"--max-rate-config {args.max_rate_config!r}: expected REPLICASxTP, e.g. 2x1") from None
-    from kvsim.transfer import transfer_config
+    from kvsim.cli.common import transfer_config
 
     tr = transfer_config(args)
     t0 = time.perf_counter()
