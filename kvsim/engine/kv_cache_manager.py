@@ -163,8 +163,11 @@ class KVCacheManager:
                 self.pool.register_full_blocks(seq, seq.hash_keys, (n + m) * self.block_size)
                 seq.num_computed = (n + m) * self.block_size
                 if seq.num_preemptions == 0:
-                    seq.cpu_hit_tokens += m * self.block_size
-                    self.tier.hit_tokens += m * self.block_size
+                    # a request can load more than once before it runs (its loaded blocks were evicted from the
+                    # GPU while it waited, or its admission failed): it is credited the prompt it did not recompute
+                    cpu = max(seq.cpu_hit_tokens, (n + m) * self.block_size - seq.prefix_hit_tokens)
+                    self.tier.hit_tokens += cpu - seq.cpu_hit_tokens
+                    seq.cpu_hit_tokens = cpu
                 self.tier.load(seq, seq.hash_keys, n, m)
                 return (n + m) * self.block_size
         return n * self.block_size
