@@ -36,16 +36,14 @@ def _positive(name: str, v) -> int:
 
 def bench_point(spec, cost, batch_size: int, prompt_len: int, output_len: int) -> dict:
     """One fixed-batch point on an already built spec and cost model."""
-    from kvsim.engine.block_manager import BlockManager
-    from kvsim.engine.kv_cache_manager import KVCacheManager
+    from kvsim.build import make_kv
     from kvsim.engine.memory import num_kv_blocks
 
     for name, v in (("batch_size", batch_size), ("prompt_len", prompt_len), ("output_len", output_len)):
         _positive(name, v)
     meth = cost.method if hasattr(cost, "method") else spec.method
     blocks = num_kv_blocks(spec.model, spec.hardware, spec.config, meth)
-    kv = KVCacheManager(BlockManager(max(1, blocks), spec.config.block_size), meth, spec.model,
-                        spec.config.tensor_parallel_size)
+    kv = make_kv(spec.model, meth, spec.config, max(1, blocks))
     need = batch_size * kv.lifetime_blocks(prompt_len, prompt_len + output_len - 1)
     prefill_s = cost.step_time_s(StepShape(0, 0, [(prompt_len, prompt_len, True)] * batch_size))
     decode = [cost.decode_step_time_s(batch_size, batch_size * meth.kept_tokens(prompt_len, prompt_len + i))
@@ -65,18 +63,18 @@ def bench_point(spec, cost, batch_size: int, prompt_len: int, output_len: int) -
 def bench(model="llama-3.1-8b", hardware="h100", method="none", batch_size=8, prompt_len=1024, output_len=128,
           config=None, profile=None, auto_profile=True, engine=None) -> dict:
     """One point (see the module docstring)."""
-    from kvsim import api
+    from kvsim.build import make_cost, make_spec
 
     for name, v in (("batch_size", batch_size), ("prompt_len", prompt_len), ("output_len", output_len)):
         _positive(name, v)
-    spec = api.make_spec(model, hardware, method, config, profile, auto_profile=auto_profile, engine=engine)
-    return bench_point(spec, api.make_cost(spec), batch_size, prompt_len, output_len)
+    spec = make_spec(model, hardware, method, config, profile, auto_profile=auto_profile, engine=engine)
+    return bench_point(spec, make_cost(spec), batch_size, prompt_len, output_len)
 
 
 def bench_sweep(methods, batch_sizes, prompt_lens, output_len=128, model="llama-3.1-8b", hardware="h100",
                 config=None, profile=None, auto_profile=True, engine=None, progress: bool = False) -> list[dict]:
     """Every (method, batch size, prompt length) point, one spec and cost model per method."""
-    from kvsim import api
+    from kvsim.build import make_cost, make_spec
     from kvsim.methods import parse_method
 
     methods = [m if hasattr(m, "spec_string") else parse_method(m) for m in methods]
@@ -96,8 +94,8 @@ def bench_sweep(methods, batch_sizes, prompt_lens, output_len=128, model="llama-
     rows = []
     try:
         for meth in methods:
-            spec = api.make_spec(model, hardware, meth, config, profile, auto_profile=auto_profile, engine=engine)
-            cost = api.make_cost(spec)
+            spec = make_spec(model, hardware, meth, config, profile, auto_profile=auto_profile, engine=engine)
+            cost = make_cost(spec)
             for b, p in itertools.product(batch_sizes, prompt_lens):
                 rows.append(bench_point(spec, cost, b, p, output_len))
                 if bar is not None:
@@ -177,70 +175,6 @@ def format_table(rows: list[dict]) -> str:
                      f"{f(r['decode_throughput']):>13} {f(r['prefill_ratio_to_none'], 3):>12} {f(r['decode_ratio_to_none'], 3):>11}"
                      + ("  [OOM: KV does not fit]" if r["oom"] else ""))
     return "\n".join(lines)
-
-
-def register(sub) -> None:
-    from kvsim import cli
-
-    b = sub.add_parser("bench", help="fixed-batch prefill and decode throughput (kernel-paper style); sweeps in one process")
-    b.add_argument("--model", default=None, help="shipped short name, Hugging Face id or config.json path (default: llama-3.1-8b)")
-    b.add_argument("--hardware", default=None, help="GPU name, `kvsim hardware` (default: h100)")
-    b.add_argument("--engine", default=None, help="serving engine whose step model to use: vllm (default) or a fitted "
-                                                 "one such as lmdeploy-0.6 (kvsim methods lists the fitted engines' data)")
-    b.add_argument("--method", default=None, help="method spec, or several separated by commas "
-                                                 "(none,kivi:bits=4,h2o:budget=512,window=32)")
-    b.add_argument("--batch-size", default=None, help="batch size, or a comma-separated list (default 8)")
-    b.add_argument("--prompt-len", default=None, help="prompt length in tokens, or a comma-separated list (default 1024)")
-    b.add_argument("--output-len", type=int, default=None,
-                   help="generated tokens per request, the prefill step samples the first (default 128)")
-    b.add_argument("--grid", default=None, help="YAML file with any of: " + ", ".join(GRID_KEYS)
-                   + " (flags and --config take precedence)")
-    b.add_argument("--profile", default=None, help="profile JSON (default: a committed one matching model x hardware x TP)")
-    b.add_argument("--no-profile", action="store_true", help="use the roofline even when a profile exists")
-    b.add_argument("--out", default=None, help="folder for bench.csv and bench.json")
-    b.add_argument("--json", action="store_true", help="print the rows as JSON (one object for a single point)")
-    b.add_argument("--quiet", action="store_true", help="no progress bar")
-    cli.add_engine_args(b)
-    b.set_defaults(func=_cmd_bench, fill_run_keys=_fill_from_grid)
-
-
-def _fill_from_grid(args) -> None:
-    """Run keys from ``--grid`` where neither a flag nor ``--config`` gave them (then kvsim's defaults)."""
-    if not args.grid:
-        return
-    grid = load_grid(args.grid)
-    for key in ("model", "hardware", "engine", "output_len"):
-        if getattr(args, key) is None and key in grid:
-            setattr(args, key, grid[key])
-    if args.method is None and "method" in grid:
-        args.method = ",".join(str(x) for x in _as_list(grid["method"]))
-
-
-def _cmd_bench(args) -> int:
-    from kvsim import cli
-    from kvsim.methods import parse_method_list
-
-    grid = load_grid(args.grid) if args.grid else {}
-    config = cli.engine_config(args)
-    methods = parse_method_list(args.method or "none")
-    bs = args.batch_size if args.batch_size is not None else grid.get("batch_size", 8)
-    ps = args.prompt_len if args.prompt_len is not None else grid.get("prompt_len", 1024)
-    batch_sizes = _int_list(bs, "--batch-size") if isinstance(bs, str) else [int(x) for x in _as_list(bs)]
-    prompt_lens = _int_list(ps, "--prompt-len") if isinstance(ps, str) else [int(x) for x in _as_list(ps)]
-    rows = bench_sweep(methods, batch_sizes, prompt_lens, output_len=args.output_len or 128,
-                       model=cli.model_arg(args), hardware=args.hardware, config=config, profile=args.profile,
-                       auto_profile=not args.no_profile, engine=args.engine, progress=not args.quiet)
-    if args.out:
-        write_outputs(rows, Path(args.out))
-    if args.json:
-        print(json.dumps(rows[0] if len(rows) == 1 else rows))
-    else:
-        r0 = rows[0]
-        print(f"{r0['model']} / {r0['hardware']} / engine {r0['engine']}  ({r0['cost_model']})  N={r0['output_len']}")
-        print(format_table(rows))
-        if args.out:
-            print(f"wrote {args.out}/bench.csv and bench.json ({len(rows)} rows)")
-    return 0
 
 
 __all__ = ["bench", "bench_point", "bench_sweep", "BENCH_COLUMNS", "load_grid"]

@@ -4,12 +4,9 @@ figures, is :mod:`kvsim.bench`)."""
 from __future__ import annotations
 
 import csv
-import json
 import math
 from pathlib import Path
 
-from kvsim.cost.base import StepShape
-from kvsim.errors import ConfigError
 
 COMPARE_COLUMNS = [
     "method", "completed", "rejected", "request_throughput", "output_throughput", "total_token_throughput",
@@ -30,20 +27,21 @@ def compare_row(s: dict) -> dict:
 
 
 def compare(trace, methods, out_dir, progress: bool = True, **replay_kw) -> list[dict]:
-    from kvsim import api
+    from kvsim.build import make_spec
     from kvsim.methods import parse_method
+    from kvsim.replay import replay
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     spec_kw = {k: replay_kw.pop(k) for k in ("model", "hardware", "config", "profile", "slo", "auto_profile", "lengths",
                                             "allow_profile_mismatch", "engine", "transfer") if k in replay_kw}
     rows = []
-    specs = [api.make_spec(method=parse_method(m) if not hasattr(m, "spec_string") else m, **spec_kw) for m in methods]
+    specs = [make_spec(method=parse_method(m) if not hasattr(m, "spec_string") else m, **spec_kw) for m in methods]
     for i, spec in enumerate(specs, 1):
         sub = out / _slug(spec.method.spec_string())
         # one bar per method, named by it: "compare 2/5 kivi:bits=2"
         desc = f"compare {i}/{len(specs)} {short_label(spec.method)}" if progress else False
-        res = api.replay(trace, spec=spec, out_dir=sub, progress=desc, **replay_kw)
+        res = replay(trace, spec=spec, out_dir=sub, progress=desc, **replay_kw)
         rows.append(compare_row(res.summary))
     write_table(rows, out / "compare.csv", out / "compare.md")
     plot_compare(rows, out / "compare.png")
@@ -108,9 +106,9 @@ def write_table(rows: list[dict], csv_path: Path, md_path: Path) -> None:
 
 
 def plot_compare(rows: list[dict], png: Path) -> None:
-    from kvsim.metrics.plots import _plt
+    from kvsim.metrics.plots import pyplot
 
-    plt = _plt()
+    plt = pyplot()
     names = [short_label(r["method"]) for r in rows]
     panels = [("output_throughput", "output tok/s"), ("ttft_ms_p99", "p99 TTFT (ms)"),
               ("tpot_ms_p50", "p50 TPOT (ms)"), ("e2el_ms_p99", "p99 E2EL (ms)"),
@@ -124,35 +122,3 @@ def plot_compare(rows: list[dict], png: Path) -> None:
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
-
-
-def register(sub) -> None:
-    from kvsim import cli
-
-    c = sub.add_parser("compare", help="run several methods on the same trace and seed; one table and plots")
-    cli.add_trace_arg(c)
-    c.add_argument("--methods", default=None, help="comma-separated specs, e.g. none,fp8,kivi:bits=2,h2o:budget=512 "
-                   "(default: the --config file's method)")
-    c.add_argument("--out", default="out/compare", help="output directory: compare.csv/.md/.png and one replay folder per method")
-    c.add_argument("--quiet", action="store_true", help="no progress bars")
-    cli.add_run_args(c)
-    c.set_defaults(func=_cmd_compare)
-
-
-def _cmd_compare(args) -> int:
-    from kvsim import cli
-    from kvsim.methods import parse_method_list
-    from kvsim.transfer import transfer_config
-
-    if not args.methods:
-        raise ConfigError("compare: give the methods to compare with --methods (or method: [...] in --config)")
-    methods = parse_method_list(args.methods)
-    rows = compare(args.trace, methods, args.out, progress=not args.quiet, model=cli.model_arg(args),
-                   hardware=args.hardware, config=cli.engine_config(args), profile=args.profile,
-                   slo=cli.parse_slo(args.slo), auto_profile=not args.no_profile, lengths=args.lengths, fmt=args.fmt,
-                   skip_invalid=args.skip_invalid, rate_scale=args.rate_scale, limit=args.limit,
-                   result_format=args.result_format, allow_profile_mismatch=args.allow_profile_mismatch,
-                   engine=args.engine, transfer=transfer_config(args))
-    print(Path(args.out, "compare.md").read_text())
-    print(f"wrote {args.out}/compare.csv, compare.md, compare.png and one replay folder per method ({len(rows)})")
-    return 0

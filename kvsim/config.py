@@ -15,6 +15,7 @@ from pathlib import Path
 
 import yaml
 
+from kvsim.coerce import annotation_type, coerce
 from kvsim.errors import ConfigError
 
 GIB = 1024**3
@@ -23,40 +24,72 @@ SCHEDULERS = ("chunked", "prefill-first")
 ROUTERS = ("round-robin", "least-outstanding-tokens", "vllm-dp")
 
 
+def option(default, help: str, group: str = "vllm", choices=None, hidden_aliases=(), short: str | None = None):
+    """An engine option: its default and what the command line says of it. ``group``: "vllm" (vLLM's own
+    argument, same name and meaning) or "kvsim" (kvsim's cluster and scheduling knobs). The CLI's flags are
+    made from these (kvsim.cli.common.add_engine_args): ``--name-with-dashes``, a ``--no-`` form for a
+    boolean (``short`` names the feature it turns off), ``choices`` where given."""
+    meta = {"help": help, "group": group, "choices": choices, "hidden_aliases": tuple(hidden_aliases),
+            "short": short or help.split(" (")[0]}
+    return field(default=default, metadata=meta)
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     # -- vLLM engine arguments (same names, same meaning) ------------------------------------
-    tensor_parallel_size: int = 1
-    data_parallel_size: int = 1
-    enable_expert_parallel: bool = False
-    max_num_seqs: int | None = None
-    max_num_batched_tokens: int | None = None
-    max_model_len: int | None = None
-    block_size: int = 16
-    gpu_memory_utilization: float = 0.9
-    kv_cache_dtype: str = "auto"
-    enable_chunked_prefill: bool = True
-    enable_prefix_caching: bool = True
-    num_gpu_blocks_override: int | None = None
+    tensor_parallel_size: int = option(1, "GPUs per replica (weights and KV split, all-reduce per layer)")
+    data_parallel_size: int = option(1, "engine ranks per replica group, each with its own scheduler and KV cache")
+    enable_expert_parallel: bool = option(False, "split MoE experts across the data-parallel ranks",
+                                          short="expert parallelism")
+    max_num_seqs: int | None = option(None, "most sequences in one step (default: vLLM V1's, by GPU memory: 1024 on "
+                                            ">= 70 GiB, else 256)")
+    max_num_batched_tokens: int | None = option(None, "token budget per step (default: vLLM V1's, by GPU memory: "
+                                                      "8192 on >= 70 GiB, else 2048)")
+    max_model_len: int | None = option(None, "context limit (default: the model's max_position_embeddings)")
+    block_size: int = option(16, "tokens per KV block")
+    gpu_memory_utilization: float = option(0.9, "fraction of GPU memory vLLM may use")
+    kv_cache_dtype: str = option("auto", "auto | fp8 (fp8 implies --method fp8)")
+    enable_chunked_prefill: bool = option(True, "chunked prefill")
+    enable_prefix_caching: bool = option(True, "automatic prefix caching from prefix_hashes",
+                                         hidden_aliases=("--prefix-caching",), short="automatic prefix caching")
+    num_gpu_blocks_override: int | None = option(None, "pin the KV block count per replica (default: sized from memory)")
     #: vLLM's ``--async-scheduling`` (on by default since vLLM 0.14.0): the scheduler plans step n+1
     #: while step n runs, so a request that arrives during step n is first scheduled in step n+2.
     #: kvsim's default stays off (its replays and tests predate it); ``kvsim validate`` turns it on for
     #: cases run on vLLM >= 0.14 that do not record it
-    async_scheduling: bool = False
-    seed: int = 0
+    async_scheduling: bool = option(False, "schedule step n+1 while step n runs (vLLM's default since 0.14; "
+                                           "kvsim's default: off)", short="asynchronous scheduling")
+    seed: int = option(0, "seed for sampled output lengths")
     # -- kvsim's own knobs --------------------------------------------------------------------
     #: "chunked" mirrors vLLM V1 (running requests first, then waiting ones in the remaining budget);
     #: "prefill-first" mirrors vLLM V0 without chunked prefill (a step is all prefill or all decode)
-    scheduler: str = "chunked"
+    scheduler: str = option("chunked", "chunked: vLLM V1; prefill-first: vLLM V0 without chunked prefill",
+                            group="kvsim", choices=SCHEDULERS)
     #: independent engine replicas (each with tensor_parallel_size GPUs) behind a router
-    num_replicas: int = 1
+    num_replicas: int = option(1, "independent replicas", group="kvsim")
     #: how a request picks a replica (or a lockstep group): "least-outstanding-tokens", "round-robin", or
     #: "vllm-dp" (vLLM's DP balancer, 4 x waiting + running; kvsim.engine.cluster.VllmDPBalancer). Inside
     #: a lockstep group the rank is always picked as vLLM's DP front end does ("vllm-dp")
-    router: str = "least-outstanding-tokens"
+    router: str = option("least-outstanding-tokens", "how a request picks a replica: least-outstanding-tokens, "
+                         "round-robin, or vllm-dp (vLLM 0.19's DP balancer, lowest 4 x waiting + running)",
+                         group="kvsim", choices=ROUTERS)
     #: memory held back for activations, CUDA graphs and the allocator; vLLM measures this with a
     #: profiling forward pass, kvsim estimates it (see kvsim.engine.memory)
-    activation_reserve_bytes: int | None = None
+    activation_reserve_bytes: int | None = option(None, "memory held back for activations, CUDA graphs and the "
+                                                        "allocator per GPU (default: kvsim's estimate)", group="kvsim")
+
+    @property
+    def expert_parallel_size(self) -> int:
+        """How many ways each expert group is split beyond tensor parallelism: with expert parallelism
+        vLLM spreads the experts over all data_parallel_size x tensor_parallel_size ranks, i.e. over the
+        data-parallel ranks on top of the tensor-parallel split; without it, 1."""
+        return self.data_parallel_size if self.enable_expert_parallel else 1
+
+    @property
+    def rejects_over_budget_prompts(self) -> bool:
+        """Whether a prompt longer than ``max_num_batched_tokens`` is refused at arrival: it can never be
+        scheduled when prompts are not split (vLLM V0's prefill-first scheduler, or chunked prefill off)."""
+        return self.scheduler == "prefill-first" or not self.enable_chunked_prefill
 
     def resolved(self, hardware_memory_bytes: int) -> "EngineConfig":
         """Fill hardware-dependent vLLM defaults."""
@@ -118,29 +151,13 @@ DESCRIPTIVE_KEYS = {
 }
 
 
-def _coerce(key: str, value, source: str):
-    typ = FIELDS[key].type
-    if value is None:
-        return None
-    want_bool = "bool" in str(typ)
-    want_int = "int" in str(typ) and not want_bool
-    want_float = "float" in str(typ)
-    if want_bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false"):
-            return value.lower() == "true"
-        raise ConfigError(f"{source}: key {key!r}: value {value!r} is not true/false")
-    if want_int:
-        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and value.strip().lstrip("-").isdigit())):
-            raise ConfigError(f"{source}: key {key!r}: value {value!r} is not an integer")
-        return int(value)
-    if want_float:
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{source}: key {key!r}: value {value!r} is not a number") from None
-    return str(value)
+def coerce_option(key: str, value, source: str):
+    """An engine option's value in its declared type (kvsim.coerce); a ConfigError naming the source,
+    key and value when it is not one."""
+    try:
+        return coerce(value, annotation_type(FIELDS[key].type))
+    except ValueError as e:
+        raise ConfigError(f"{source}: key {key!r}: value {value!r} is not {e}") from None
 
 
 def config_from_mapping(data: dict, source: str = "config", base: EngineConfig | None = None) -> tuple[EngineConfig, dict]:
@@ -156,7 +173,7 @@ def config_from_mapping(data: dict, source: str = "config", base: EngineConfig |
             extra[key] = value
             continue
         if key in FIELDS:
-            known[key] = _coerce(key, value, source)
+            known[key] = coerce_option(key, value, source)
         elif key in DESCRIPTIVE_KEYS:
             extra[key] = value
         else:

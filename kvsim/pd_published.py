@@ -24,12 +24,12 @@ Sources:
 from __future__ import annotations
 
 import argparse
-import math
 import sys
-from pathlib import Path
+
+from kvsim.resources import shared_dir
 
 GIB = 1 << 30
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+SHARED = shared_dir()
 
 
 def opt_model(name: str, layers: int, heads: int, d_model: int):

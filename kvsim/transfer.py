@@ -20,6 +20,8 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from kvsim.coerce import annotation_type
+from kvsim.coerce import coerce as coerce_value
 from kvsim.errors import ConfigError
 
 TRANSFER_MODES = ("whole", "layerwise")
@@ -116,22 +118,11 @@ ALIASES = {"kv_offload_gib": "kv_offloading_size"}
 
 
 def coerce(key: str, value, source: str):
-    """A YAML or flag value as the field's type, or a ConfigError naming the source, key and value."""
-    if value is None:
-        return None
-    typ = str(FIELDS[key].type)
-    if typ.startswith("int"):
-        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and value.strip().isdigit())):
-            raise ConfigError(f"{source}: key {key!r}: value {value!r} is not an integer")
-        return int(value)
-    if typ.startswith("float"):
-        try:
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{source}: key {key!r}: value {value!r} is not a number") from None
-    return str(value)
+    """A YAML or flag value as the field's type (kvsim.coerce), or a ConfigError naming the source, key and value."""
+    try:
+        return coerce_value(value, annotation_type(FIELDS[key].type))
+    except ValueError as e:
+        raise ConfigError(f"{source}: key {key!r}: value {value!r} is not {e}") from None
 
 
 def transfer_from_mapping(data: dict, source: str = "options") -> TransferConfig | None:
@@ -153,41 +144,4 @@ def transfer_from_mapping(data: dict, source: str = "options") -> TransferConfig
 KEYS = tuple(FIELDS) + tuple(ALIASES)
 
 
-def add_transfer_args(p) -> None:
-    """The command-line flags (argparse), one group."""
-    g = p.add_argument_group("disaggregated prefill/decode and CPU KV tier (off by default; docs/disaggregation.md)")
-    g.add_argument("--num-prefill-instances", metavar="N", dest="num_prefill_instances", type=int, default=None,
-                   help="prefill instances of a disaggregated cluster (with --num-decode-instances; default: 0, co-located)")
-    g.add_argument("--num-decode-instances", metavar="N", dest="num_decode_instances", type=int, default=None,
-                   help="decode instances of a disaggregated cluster")
-    g.add_argument("--prefill-tensor-parallel-size", metavar="TP", dest="prefill_tensor_parallel_size", type=int, default=None,
-                   help="GPUs per prefill instance (default: --tensor-parallel-size)")
-    g.add_argument("--decode-tensor-parallel-size", metavar="TP", dest="decode_tensor_parallel_size", type=int, default=None,
-                   help="GPUs per decode instance (default: --tensor-parallel-size)")
-    g.add_argument("--kv-transfer-link", metavar="NAME", dest="kv_transfer_link", default=None,
-                   help="prefill -> decode link, one per GPU: nvlink-3, nvlink-4, pcie-gen4-x16, pcie-gen5-x16, "
-                        "rdma-100g, rdma-200g, rdma-400g, infinite (default: rdma-400g)")
-    g.add_argument("--kv-transfer-latency-us", metavar="US", dest="kv_transfer_latency_us", type=float, default=None,
-                   help="override the link's per-transfer latency (microseconds)")
-    g.add_argument("--kv-transfer-mode", dest="kv_transfer_mode", choices=TRANSFER_MODES, default=None,
-                   help="whole: the decode instance pulls the cache after prefill (vLLM NixlConnector, default); "
-                        "layerwise: pushed layer by layer during the last prefill step")
-    g.add_argument("--prefill-router", dest="prefill_router", choices=SIDE_ROUTERS, default=None,
-                   help="how a request picks its prefill instance (default: least-outstanding-tokens)")
-    g.add_argument("--decode-router", dest="decode_router", choices=SIDE_ROUTERS, default=None,
-                   help="how a request picks its decode instance (default: least-outstanding-tokens)")
-    g.add_argument("--kv-offloading-size", "--kv-offload-gib", metavar="GIB", dest="kv_offloading_size", type=float, default=None,
-                   help="CPU KV tier: GiB of host memory per instance (vLLM's --kv-offloading-size; default: no tier)")
-    g.add_argument("--kv-offload-link", metavar="NAME", dest="kv_offload_link", default=None,
-                   help="GPU <-> host link of the CPU tier (default: the GPU's own PCIe, specs/data/links.yaml)")
-    g.add_argument("--kv-offload-latency-us", metavar="US", dest="kv_offload_latency_us", type=float, default=None,
-                   help="override the host link's per-transfer latency (microseconds)")
-
-
-def transfer_config(args) -> TransferConfig | None:
-    """The options given on the command line (or by the --config file, already applied to ``args``)."""
-    vals = {k: getattr(args, k, None) for k in FIELDS}
-    return transfer_from_mapping({k: v for k, v in vals.items() if v is not None}, source="command line / --config file")
-
-
-__all__ = ["TransferConfig", "transfer_from_mapping", "add_transfer_args", "transfer_config", "KEYS"]
+__all__ = ["TransferConfig", "transfer_from_mapping", "KEYS", "TRANSFER_MODES", "SIDE_ROUTERS"]

@@ -14,12 +14,13 @@ No torch needed.
 from __future__ import annotations
 
 import argparse
-import math
 import re
 import shlex
 import sys
 
-from kvsim.cost.profile import SCHEMA, SCHEMA_VERSION, write_profile
+import numpy as np
+
+from kvsim.cost.profile import SCHEMA, SCHEMA_VERSION, interp_loglog, write_profile
 from profiler.kernels import RawError, raw_path, read_raw
 
 _KNOWN_GPUS = ("h200", "h100", "h20", "b200", "b100", "gh200", "a100", "a10g", "a10", "l40s", "l40", "l4",
@@ -54,16 +55,6 @@ def _nested(cells: dict, shape: list[int]):
     return build([])
 
 
-def _pct(sorted_vals: list[float], q: float) -> float:
-    """Linear-interpolated percentile of a sorted list."""
-    if len(sorted_vals) == 1:
-        return sorted_vals[0]
-    pos = q * (len(sorted_vals) - 1)
-    lo = int(pos)
-    hi = min(lo + 1, len(sorted_vals) - 1)
-    return sorted_vals[lo] + (pos - lo) * (sorted_vals[hi] - sorted_vals[lo])
-
-
 def loo_errors(measured: dict, values: list[list[float]]) -> list[float]:
     """Abs % errors of predicting each measured interior point from its two neighbours along each axis."""
     errs = []
@@ -77,8 +68,7 @@ def loo_errors(measured: dict, values: list[list[float]]) -> list[float]:
             a, b = measured.get(tuple(lo)), measured.get(tuple(hi))
             if a is None or b is None:
                 continue
-            w = (math.log(xs[i]) - math.log(xs[i - 1])) / (math.log(xs[i + 1]) - math.log(xs[i - 1]))
-            pred = math.exp(math.log(a) + w * (math.log(b) - math.log(a)))
+            pred = interp_loglog(xs[i], xs[i - 1], a, xs[i + 1], b)
             errs.append(abs(pred / t - 1.0) * 100.0)
     return errs
 
@@ -112,7 +102,8 @@ def fit(raw, name: str | None = None, hardware: str | None = None, step_overhead
         tables[tname] = {"axes": {n: values[n] for n in names}, "time_s": _nested(measured, shape)}
         errs = sorted(loo_errors(measured, [values[n] for n in names]))
         if errs:
-            row.update(loo_n=len(errs), median_abs_pct=round(_pct(errs, 0.5), 3), p90_abs_pct=round(_pct(errs, 0.9), 3))
+            row.update(loo_n=len(errs), median_abs_pct=round(float(np.percentile(errs, 50)), 3),
+                       p90_abs_pct=round(float(np.percentile(errs, 90)), 3))
             loo[tname] = {"median_abs_pct": row["median_abs_pct"], "p90_abs_pct": row["p90_abs_pct"],
                           "num_points": len(errs)}
     hw = hardware or hardware_name(header)
@@ -120,10 +111,13 @@ def fit(raw, name: str | None = None, hardware: str | None = None, step_overhead
     methods = dict(header.get("methods") or {})
     for s in sessions:
         methods.update(s.get("methods") or {})
-    from profiler.kernels.grid import KERNEL_IMPLEMENTATIONS
+    recorded = header.get("implementations") or {}
+    if any(m not in recorded for m in methods):
+        from profiler.methods import implementation
 
-    # raw files written before the header recorded it: the kernels then were the same ones
-    impls = {m: (header.get("implementations") or {}).get(m, KERNEL_IMPLEMENTATIONS.get(m)) for m in methods}
+        # raw files written before the header recorded it: the kernels then were the same ones
+        recorded = {m: recorded[m] if m in recorded else implementation(m) for m in methods}
+    impls = {m: recorded[m] for m in methods}
     profile = {
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,

@@ -29,7 +29,6 @@ import time
 
 from profiler.lengthkit.methods import (
     DEFAULT_METHODS,
-    MethodSetting,
     exact_context,
     parse_methods,
 )
@@ -146,7 +145,7 @@ def _versions() -> dict:
     return out
 
 
-def run(args, methods: list[MethodSetting], seeds: list) -> dict:
+def run(args, methods: list, seeds: list) -> dict:
     import torch
 
     from profiler.lengthkit.data import encode_chat, eos_ids, load_model, load_prompts
@@ -164,7 +163,7 @@ def run(args, methods: list[MethodSetting], seeds: list) -> dict:
         "prompts": prompt_desc, "num_prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
         "dtype": args.dtype, "device": args.device, "threads": args.threads, "batch_size": args.batch_size,
         "seeds": seeds, "temperature": args.temperature, "top_p": args.top_p,
-        "methods": [m.spec for m in methods], "versions": _versions(), "platform": platform.platform(),
+        "methods": [m.algorithm_spec() for m in methods], "versions": _versions(), "platform": platform.platform(),
         "started": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
     run_path = os.path.join(args.out, "run.json")
@@ -188,7 +187,7 @@ def run(args, methods: list[MethodSetting], seeds: list) -> dict:
     encoded = [encode_chat(tok, p.text) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))  # similar lengths share a batch
     chunks = [order[i:i + args.batch_size] for i in range(0, len(order), args.batch_size)]
-    todo = sum(1 for s in seeds for m in methods for i in order if (prompts[i].id, m.spec, str(s)) not in done)
+    todo = sum(1 for s in seeds for m in methods for i in order if (prompts[i].id, m.algorithm_spec(), str(s)) not in done)
     bar = None
     if not args.quiet:
         from tqdm import tqdm
@@ -199,7 +198,7 @@ def run(args, methods: list[MethodSetting], seeds: list) -> dict:
 
     def record(i, m, seed, tokens, stop, dt, batch, forced=0, copied=False):
         text_ids = [t for t in tokens if t not in eos]
-        return {"prompt_id": prompts[i].id, "prompt_index": i, "method": m.spec, "seed": seed,
+        return {"prompt_id": prompts[i].id, "prompt_index": i, "method": m.algorithm_spec(), "seed": seed,
                 "prompt_tokens": len(encoded[i]), "output_tokens": len(tokens), "stop": stop,
                 "max_new_tokens": cap, "text": tok.decode(text_ids, skip_special_tokens=True),
                 "tokens": list(tokens), "reused_full_tokens": forced, "copied_from_full": copied,
@@ -230,7 +229,7 @@ def run(args, methods: list[MethodSetting], seeds: list) -> dict:
             sampling = Sampling() if seed == "greedy" else Sampling(args.temperature, args.top_p, int(seed))
             for m in methods:
                 for chunk in chunks:
-                    rows = [i for i in chunk if (prompts[i].id, m.spec, str(seed)) not in done]
+                    rows = [i for i in chunk if (prompts[i].id, m.algorithm_spec(), str(seed)) not in done]
                     if not rows:
                         continue
                     # reuse the full-cache answer where the method provably cannot have changed it yet

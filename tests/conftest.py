@@ -16,12 +16,13 @@ import pytest
 
 from kvsim.config import EngineConfig
 from kvsim.cost.base import CostModel, StepShape
+from kvsim.build import make_replica
 from kvsim.engine.block_manager import BlockManager
 from kvsim.engine.cluster import make_router
 from kvsim.engine.kv_cache_manager import KVCacheManager
 from kvsim.engine.output_length import LengthSampler
 from kvsim.engine.replica import Replica
-from kvsim.engine.scheduler import PrefillFirstScheduler, Scheduler
+from kvsim.engine.scheduler import Scheduler
 from kvsim.engine.sequence import Sequence
 from kvsim.engine.sim import Simulation
 from kvsim.methods import parse_method
@@ -29,6 +30,7 @@ from kvsim.methods.base import LengthRatio
 from kvsim.metrics.collector import Recorder
 from kvsim.specs.model import ModelSpec
 from kvsim.workload.request import Request
+
 
 def examples(n: int) -> int:
     """Hypothesis example count: ``n`` by default (the suite stays fast), scaled by the environment variable
@@ -107,23 +109,21 @@ def make_engine(num_blocks: int = 64, block_size: int = 4, max_num_seqs: int = 8
                 chunked: bool = True, prefill_first: bool = False, method="none", prefix_caching: bool = False,
                 cost: CostModel | None = None, fast_forward: bool = False, max_model_len: int = 4096,
                 replica_id: int = 0, recorder: Recorder | None = None) -> Engine:
-    meth = parse_method(method)
-    pool = BlockManager(num_blocks, block_size, prefix_caching)
-    kv = KVCacheManager(pool, meth, TINY, 1)
-    cls = PrefillFirstScheduler if prefill_first else Scheduler
-    sched = cls(kv, max_num_seqs, max_num_batched_tokens, chunked)
+    """One replica as the run builder makes it (kvsim.build.make_replica), with these options."""
+    cfg = EngineConfig(block_size=block_size, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                       enable_chunked_prefill=chunked, scheduler="prefill-first" if prefill_first else "chunked",
+                       enable_prefix_caching=prefix_caching, max_model_len=max_model_len)
     rec = recorder or Recorder(keep_rows=True)
     cost = cost or FakeCost()
-    rep = Replica(replica_id, sched, kv, cost, rec, max_model_len, fast_forward,
-                  reject_over_budget_prompts=prefill_first or not chunked)
-    return Engine(pool, kv, sched, rep, rec, cost)
+    rep = make_replica(replica_id, TINY, parse_method(method), cfg, num_blocks, cost, [rec], fast_forward)
+    return Engine(rep.kv.pool, rep.kv, rep.scheduler, rep, rec, cost)
 
 
 def run_sim(engines: list[Engine], requests, router: str = "round-robin", check_invariants: bool = True):
     """Run the SimPy layer over hand-built replicas (e.g. with FakeCost); returns (sim, end time)."""
     rec = engines[0].rec
-    sim = Simulation([e.replica for e in engines], make_router(router), rec,
-                     LengthSampler(LengthRatio(source="test"), 0), None, check_invariants)
+    sim = Simulation([e.replica for e in engines], make_router(router), [rec],
+                     LengthSampler(LengthRatio(source="test"), 0), check_invariants)
     end = sim.run(list(requests))
     return sim, end
 

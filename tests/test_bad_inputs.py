@@ -24,7 +24,7 @@ from kvsim.cli import main as kvsim_main
 BAD = Path(__file__).resolve().parent / "data" / "bad"
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = str(REPO / "traces" / "sample.jsonl")
-PROFILE_4090 = str(REPO / "profiles" / "imported" / "rtx-4090__llama-3.1-8b__tp1.json")
+PROFILE_4090 = str(REPO / "kvsim" / "profiles" / "imported" / "rtx-4090__llama-3.1-8b__tp1.json")
 
 
 @dataclass

@@ -129,7 +129,7 @@ def test_calibration_yaml_has_every_hardware_and_the_withheld_fits():
 
 def test_yaml_numbers_read_back_as_floats():
     for v in (1e-05, 2.5e-7, 0.2, 1234.5, 3e-4):
-        assert yaml.safe_load(f"x: {C._yaml_num(v)}")["x"] == pytest.approx(v, rel=1e-3)
+        assert yaml.safe_load(f"x: {C.yaml_number(v)}")["x"] == pytest.approx(v, rel=1e-3)
 
 
 def test_calibrating_the_imported_profiles_beats_the_generic_defaults():
@@ -178,7 +178,7 @@ def test_expert_parallel_moe_follows_the_groups_gathered_tokens():
 
     m, hw = load_model("qwen3-30b-a3b"), load_hardware("rtx-pro-6000")
     roof = RooflineCost(m, hw, NoCompression(), 1, R.calibrated_params(hw.name), expert_parallel_size=2)
-    prof = ProfiledCost(load_profile(Path(__file__).parent.parent / "profiles/imported/rtx-pro-6000__qwen3-30b-a3b__tp1.json"), roof)
+    prof = ProfiledCost(load_profile(Path(__file__).parent.parent / "kvsim/profiles/imported/rtx-pro-6000__qwen3-30b-a3b__tp1.json"), roof)
     L = m.num_layers
     for c in (roof, prof):
         for T in (1, 30, 256, 2048):

@@ -37,7 +37,7 @@ from conftest import TINY, make_request, small_config
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "traces" / "sample.jsonl"
 SHARED = REPO.parent / "shared"
-PROFILE_4090 = REPO / "profiles" / "imported" / "rtx-4090__llama-3.1-8b__tp1.json"
+PROFILE_4090 = REPO / "kvsim" / "profiles" / "imported" / "rtx-4090__llama-3.1-8b__tp1.json"
 POSIX_FORK = hasattr(os, "fork") and sys.platform != "darwin"
 TIMEOUT_S = 120  # a loaded 2-core machine can be slow; every wait polls up to this long
 
@@ -299,8 +299,10 @@ def test_an_interrupted_replay_leaves_the_previous_outputs_untouched(tmp_path, m
                 raise KeyboardInterrupt
             yield r
 
-    real_open = api.open_trace
-    monkeypatch.setattr(api, "open_trace", lambda *a, **k: interrupted(real_open(*a, **k)))
+    import kvsim.replay
+
+    real_open = kvsim.replay.open_trace
+    monkeypatch.setattr(kvsim.replay, "open_trace", lambda *a, **k: interrupted(real_open(*a, **k)))
     with pytest.raises(KeyboardInterrupt):
         api.replay(str(SAMPLE), limit=40, out_dir=out, auto_profile=False)
     assert outputs(out) == before and sorted(p.name for p in out.iterdir()) == sorted(before)
@@ -313,14 +315,14 @@ def test_a_killed_replay_leaves_the_previous_outputs_untouched(tmp_path):
     before = outputs(out)
     killer = textwrap.dedent("""
         import os, signal, sys
-        from kvsim import api
-        real = api.open_trace
+        from kvsim import replay
+        real = replay.open_trace
         def dying(*a, **k):
             for i, r in enumerate(real(*a, **k)):
                 if i == 20:
                     os.kill(os.getpid(), signal.SIGKILL)  # mid-run, after rows were written
                 yield r
-        api.open_trace = dying
+        replay.open_trace = dying
         from kvsim.cli import main
         main(["replay", sys.argv[1], "--out", sys.argv[2], "--quiet"])
     """)
@@ -363,7 +365,7 @@ def test_a_profile_of_another_model_gpu_or_tp_is_refused():
         spec = api.make_spec("qwen3-32b", "h100", None, profile=PROFILE_4090, allow_profile_mismatch=True)
     assert spec.profile.model == "llama-3.1-8b"
     # a lengths-only profile (no kernel tables) supplies output lengths to any model, as docs/lengths.md says
-    lengths = REPO / "profiles" / "lengths" / "smollm2-135m-instruct.json"
+    lengths = REPO / "kvsim" / "profiles" / "lengths" / "smollm2-135m-instruct.json"
     assert api.make_spec("llama-3.1-8b", "h100", None, profile=lengths).profile.tables == {}
 
 

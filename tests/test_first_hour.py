@@ -20,7 +20,7 @@ from conftest import FakeCost, make_engine, make_request, run_sim
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "traces" / "sample.jsonl"
-LENGTHS_PROFILE = REPO / "profiles" / "lengths" / "smollm2-135m-instruct.json"
+LENGTHS_PROFILE = REPO / "kvsim" / "profiles" / "lengths" / "smollm2-135m-instruct.json"
 
 
 def run(capsys, *args):
@@ -278,18 +278,18 @@ def test_long_commands_show_progress_off_when_not_a_terminal(tmp_path, capsys, m
 def test_calibrate_shows_progress(monkeypatch):
     import tqdm
 
-    from kvsim.cost import calibrate
+    from kvsim.cost.calibrate import fitting
+    from kvsim.cost.roofline import RooflineParams
 
     FakeBar.made = []
     monkeypatch.setattr(tqdm, "tqdm", FakeBar)
-    tables = calibrate.load_tables(None)
+    tables = fitting.load_tables(None)
     # the fits themselves are calibrate's business (tests/test_calibrate.py); here only the bar is looked at
-    monkeypatch.setattr(calibrate, "fit_all",
-                        lambda t: (calibrate.RooflineParams(), {"a40": (calibrate.RooflineParams(), [])}))
-    monkeypatch.setattr(calibrate, "apply_skew", lambda d, p, l, s: (d, p, l))
-    monkeypatch.setattr(calibrate, "load_tables", lambda paths: [t for t in tables if t.hardware == "a40"][:2])
-    monkeypatch.setattr(calibrate, "_errors", lambda t, p, legacy=False: __import__("numpy").zeros(1))
-    calibrate.run(None, None, loo=True, progress=True)
+    monkeypatch.setattr(fitting, "fit_all", lambda t: (RooflineParams(), {"a40": (RooflineParams(), [])}))
+    monkeypatch.setattr(fitting, "apply_skew", lambda d, p, l, s: (d, p, l))
+    monkeypatch.setattr(fitting, "load_tables", lambda paths: [t for t in tables if t.hardware == "a40"][:2])
+    monkeypatch.setattr(fitting, "_errors", lambda t, p, legacy=False: __import__("numpy").zeros(1))
+    fitting.run(None, None, loo=True, progress=True)
     (bar,) = FakeBar.made
     assert bar.kw["disable"] is None and bar.n == bar.kw["total"] >= 2
 
@@ -410,7 +410,7 @@ def test_format_detection_error_names_the_flag(tmp_path, capsys):
 
 
 def test_progress_total_counts_a_last_line_without_newline(tmp_path):
-    from kvsim.api import _count_lines
+    from kvsim.replay import _count_lines
 
     p = tmp_path / "t.jsonl"
     p.write_text('{"a": 1}\n{"a": 2}')

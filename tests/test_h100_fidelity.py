@@ -20,7 +20,7 @@ from kvsim.workload.request import Request
 
 from test_validate import DECODE_STEP, PREFILL_STEP, REQS, make_case
 
-PROFILES = Path(__file__).resolve().parents[1] / "profiles" / "imported"
+PROFILES = Path(__file__).resolve().parents[1] / "kvsim" / "profiles" / "imported"
 
 
 # -- prompt identity from a repeating cycle -------------------------------------------------------------

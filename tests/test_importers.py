@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 VIDUR = SHARED / "reference" / "vidur"
 LSS = SHARED / "reference" / "llmservingsim" / "perf"
-IMPORTED = REPO / "profiles" / "imported"
+IMPORTED = REPO / "kvsim" / "profiles" / "imported"
 
 
 def need(path: Path) -> Path:

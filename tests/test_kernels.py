@@ -414,7 +414,7 @@ def test_cpu_grid_measure_resume_oom_fit_load(tmp_path, monkeypatch):
     cfg.parent.mkdir()
     cfg.write_text(json.dumps(TINY_MODEL))
     model = load_model(str(cfg))
-    methods = G.parse_methods(G.ALL_METHODS)
+    methods = G.parse_methods(G.all_methods())
     planned = [point_key(t, a) for t, a in G.plan(G.GRIDS["tiny"], model, methods)]
     assert len(planned) == len(set(planned)) and any(k.startswith("extra.prefill.snapkv") for k in planned)
 
@@ -517,7 +517,7 @@ def test_truncated_header_starts_over(tmp_path):
     model = ModelSpec(name="t", num_layers=1, hidden_size=64, num_attention_heads=2, num_kv_heads=1, head_dim=32,
                       intermediate_size=128, vocab_size=100)
     (tmp_path / "raw.jsonl").write_text('{"record": "header", "form')
-    G.run_grid(tmp_path, model, {"none": {}}, device="cpu", grid=G.GRIDS["tiny"], tables=["linear.qkv"],
+    G.run_grid(tmp_path, model, G.parse_methods("none"), device="cpu", grid=G.GRIDS["tiny"], tables=["linear.qkv"],
                progress=False)
     recs = _lines(tmp_path / "raw.jsonl")
     assert recs[0]["record"] == "header" and len(recs) == 1 + len(G.GRIDS["tiny"].num_tokens)

@@ -17,13 +17,13 @@ from profiler.lengthkit.metrics import lcs_length, negative_flags, rouge_l
 # -- pure python ------------------------------------------------------------------------------------------
 
 def test_specs_are_canonical_and_match_kvsim():
-    assert parse_method("kivi:bits=2").spec == "kivi:bits=2,group_size=32,residual_length=128"
-    assert parse_method("h2o").spec == "h2o:budget=256,window=32"
-    assert parse_method("streamingllm").spec == "streamingllm:sink=4,window=252"
-    assert parse_method("snapkv").spec == "snapkv:budget=256,window=32,kernel_size=7"
-    assert parse_method("fp8").spec == "fp8"
+    assert parse_method("kivi:bits=2").algorithm_spec() == "kivi:bits=2,group_size=32,residual_length=128"
+    assert parse_method("h2o").algorithm_spec() == "h2o:budget=256,window=32"
+    assert parse_method("streamingllm").algorithm_spec() == "streamingllm:sink=4,window=252"
+    assert parse_method("snapkv").algorithm_spec() == "snapkv:budget=256,window=32,kernel_size=7"
+    assert parse_method("fp8").algorithm_spec() == "fp8"
     ms = parse_methods("kivi:bits=4,h2o:budget=64,window=16,none")
-    assert [m.spec for m in ms] == ["none", "kivi:bits=4,group_size=32,residual_length=128", "h2o:budget=64,window=16"]
+    assert [m.algorithm_spec() for m in ms] == ["none", "kivi:bits=4,group_size=32,residual_length=128", "h2o:budget=64,window=16"]
     with pytest.raises(ValueError):
         parse_method("h2o:budjet=3")
     with pytest.raises(ValueError):
@@ -39,7 +39,7 @@ def test_specs_are_canonical_and_match_kvsim():
             kv = kv_parse(text)
         except Exception:  # noqa: BLE001,S112  (method not in kvsim yet)
             continue
-        assert kv.algorithm_spec() == parse_method(text).spec
+        assert kv.algorithm_spec() == parse_method(text).algorithm_spec()
 
 
 def _lcs_dp(a, b):

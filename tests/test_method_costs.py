@@ -17,7 +17,7 @@ from kvsim.cost import method_fit as mf
 from kvsim.cost.base import StepShape
 from kvsim.cost.engines import engine_params
 from kvsim.cost.roofline import RooflineCost
-from kvsim.cost.work import Work
+from kvsim.work import Work
 from kvsim.errors import ConfigError
 from kvsim.methods import all_methods, parse_method
 from kvsim.methods.base import Method
@@ -280,7 +280,7 @@ def test_single_point_json_keeps_its_shape(capsys):
 
 # -- the kvprof H200 profiles: which implementation they timed, and when kvsim uses them ----------------
 
-KVPROF = ROOT / "profiles" / "kvprof" / "h200__llama-2-7b__tp1.json"
+KVPROF = ROOT / "kvsim" / "profiles" / "kvprof" / "h200__llama-2-7b__tp1.json"
 
 
 def test_kvprof_profiles_are_not_picked_without_being_asked():

@@ -6,11 +6,11 @@ import math
 
 import pytest
 
-from kvsim.cost.work import Work
+from kvsim.work import Work
 from kvsim.errors import ConfigError
 from kvsim.methods import all_methods, make_method, parse_method, parse_method_list
 from kvsim.methods.base import LengthRatio, length_ratio_from_tail_shares
-from kvsim.methods.listing import format_methods
+from kvsim.cli.listing import format_methods
 from kvsim.specs.model import ModelSpec
 
 #: llama-3.1-8b shape, built directly so the hand counts do not depend on a shipped file

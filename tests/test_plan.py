@@ -14,7 +14,7 @@ from kvsim.cli import main
 from kvsim.config import EngineConfig
 from kvsim.errors import ConfigError
 from kvsim.plan import Planner, check_slo, goodput_slo, parse_slo_terms, plan_capacity
-from kvsim.plan.planner import SLOTerm
+from kvsim.metrics.slo import SLOTerm
 from kvsim.workload.synthetic import FixedLengths, synthetic_requests
 
 REPO = Path(__file__).resolve().parents[1]

@@ -19,7 +19,8 @@ from kvsim.workload.readers import read_trace  # noqa: E402
 from kvsim.workload.request import Request  # noqa: E402
 from profiler.kernels import ops  # noqa: E402
 from profiler.replay.engine import STEP_COLUMNS, ReplayEngine, prompt_ids  # noqa: E402
-from profiler.replay.kvstore import Item, SeqKV, length_buckets, store_class, store_method, token_groups  # noqa: E402
+from profiler.methods import parse as parse_for, support  # noqa: E402
+from profiler.replay.kvstore import Item, SeqKV, length_buckets, token_groups  # noqa: E402
 from profiler.replay.model import Llama, load_config  # noqa: E402
 
 CFG, SPEC = load_config(None, tiny=True)
@@ -35,9 +36,9 @@ def model():
 
 
 def make_store(method: str, num_blocks=512, max_num_seqs=8, block_size=BS, max_attn_tokens=None, backend="ops"):
-    m = store_method(parse_method(method), method)
+    m = parse_for(method, "replay")
     kw = {"max_attn_tokens": max_attn_tokens} if max_attn_tokens else {}
-    return store_class(m)(CFG, m, num_blocks, block_size, "cpu", torch.float32, max_num_seqs, backend, **kw), m
+    return support(m.name).store(CFG, m, num_blocks, block_size, "cpu", torch.float32, max_num_seqs, backend, **kw), m
 
 
 def reference_greedy(model, prompt: list[int], n_out: int, eager=False):
@@ -311,10 +312,10 @@ def trace(n=6, seed=3, gap=0.02):
 
 
 def run_engine(model, reqs, method="none", num_blocks=512, mnbt=64, mns=8, chunked=True):
-    m = store_method(parse_method(method), method)
+    m = parse_for(method, "replay")
     cfg = EngineConfig(max_num_seqs=mns, max_num_batched_tokens=mnbt, max_model_len=4096, block_size=BS,
                        enable_chunked_prefill=chunked, enable_prefix_caching=False)
-    store = store_class(m)(CFG, m, num_blocks, BS, "cpu", torch.float32, mns, "ops")
+    store = support(m.name).store(CFG, m, num_blocks, BS, "cpu", torch.float32, mns, "ops")
     eng = ReplayEngine(model, SPEC, m, cfg, num_blocks, store, seed=1)
     eng.run(reqs)
     return eng
@@ -362,7 +363,7 @@ def test_engine_runs_methods_and_reports_kept_tokens(model, base_run, method):
     reqs = trace()
     eng = run_engine(model, reqs, method)
     base = base_run
-    m = store_method(parse_method(method), method)
+    m = parse_for(method, "replay")
     for r in eng.rec.rows:
         assert r["status"] == "completed" and r["output_tokens"] == r["trace_output_tokens"]
     lim = m.kept_limit(10**6)

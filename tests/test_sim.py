@@ -6,19 +6,16 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 from fractions import Fraction
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 
 from kvsim import api
+from kvsim.build import build_run
 from kvsim.config import EngineConfig
 from kvsim.cost.base import StepShape
-from kvsim.engine.cluster import make_router
 from kvsim.engine.output_length import LengthSampler
-from kvsim.engine.sim import Simulation
-from kvsim.methods.base import LengthRatio
 from kvsim.metrics.collector import Recorder
 from kvsim.workload.readers import write_trace
 
@@ -27,16 +24,15 @@ from test_fast_forward import requests, scenario_spec, scenarios
 
 
 def simulate(reqs, cfg, method, fast_forward=True):
-    """api.replay's wiring, keeping the replicas and a timeline row for every step."""
+    """The run builder's wiring (as api.replay's), keeping the replicas and a timeline row for every step."""
     spec = scenario_spec(TINY, method, cfg)
     tl = io.StringIO()
     rec = Recorder(None, tl, timeline_interval_s=0.0, keep_rows=True)
-    replicas = api.build_replicas(spec, rec, fast_forward)
-    sim = Simulation(replicas, make_router(spec.config.router), rec,
-                     LengthSampler(api.length_ratio_for(spec), spec.config.seed), None, check_invariants=True)
-    end = sim.run(requests(reqs))
+    run = build_run(spec, [rec], LengthSampler(api.length_ratio_for(spec), spec.config.seed), fast_forward,
+                    check_invariants=True)
+    end = run.run(requests(reqs))
     timeline = list(csv.DictReader(io.StringIO(tl.getvalue())))
-    return rec, replicas, sim, end, timeline
+    return rec, run.replicas, run.sim, end, timeline
 
 
 # -- conservation and clocks ---------------------------------------------------------------------------
@@ -89,25 +85,6 @@ def test_conservation_and_clocks(scenario):
         assert t >= last.get(row["replica"], 0.0), (row, last)
         last[row["replica"]] = t
         assert 0 <= int(row["kv_blocks_used"]) <= int(row["kv_blocks_total"])
-
-
-def test_simulation_events_land_exactly_on_step_ends():
-    """Regression: SimPy only takes delays and ``now + (t - now)`` need not equal t. A 45-step stretch that
-    started at 0.026336564776119405 s and ends at 0.12137999928358222 s used to wake one ulp early."""
-    e = make_engine()
-    sim = Simulation([e.replica], make_router("round-robin"), e.rec, LengthSampler(LengthRatio(source="t"), 0))
-    now, t = 0.026336564776119405, 0.12137999928358222
-    assert all(now + d != t for d in (t - now, math.nextafter(t - now, 1), math.nextafter(t - now, 0)))
-    seen = []
-
-    def proc():
-        yield sim._at(now)
-        yield sim._at(t)
-        seen.append(sim.env.now)
-
-    sim.env.process(proc())
-    sim.env.run()
-    assert seen == [t]
 
 
 # -- determinism -------------------------------------------------------------------------------------------
@@ -183,7 +160,7 @@ def test_overload_output_throughput_saturates_at_the_roofline_limit():
     prompt, output, n = 16, 384, 2048
     spec, cost = roofline_spec()
     cfg = spec.config
-    blocks = api.build_replicas(spec, Recorder())[0].kv.pool.num_blocks
+    blocks = api.build_replicas(spec, [Recorder()])[0].kv.num_blocks
     per_req_blocks = -(-(prompt + output - 1) // cfg.block_size)
     B = min(cfg.max_num_seqs, blocks // per_req_blocks)
     assert B == cfg.max_num_seqs == 1024            # this workload is batch-limited, not KV-limited

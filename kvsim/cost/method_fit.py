@@ -32,7 +32,7 @@ import csv
 import math
 import statistics
 import sys
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -100,7 +100,9 @@ class Point:
 
 
 def default_data_path() -> Path:
-    return Path(__file__).resolve().parents[2].parent / "shared" / "reference" / "seed-lmdeploy" / "throughput.csv"
+    from kvsim.resources import shared_dir
+
+    return shared_dir() / "reference" / "seed-lmdeploy" / "throughput.csv"
 
 
 def load_points(path) -> list[Point]:
@@ -429,29 +431,71 @@ def write_outputs(result: dict, out: Path, data_path: str, plot: bool = True) ->
             w.writerow(r)
     (out / "errors.md").write_text(error_table_md(result))
     if plot:
-        from kvsim.metrics.plots import method_ratio_plots
-
         method_ratio_plots(result, out)
 
 
-def register(sub) -> None:
-    p = sub.add_parser("fit-methods", help="fit measured method implementations on the seed paper's LMDeploy data")
-    p.add_argument("--data", default=None, help="the seed paper's throughput.csv (default: ../shared/reference/seed-lmdeploy/throughput.csv)")
-    p.add_argument("--out", default="out/method-fit", help="folder for method_terms.yaml, errors.csv/.md and plots")
-    p.add_argument("--no-plot", action="store_true", help="skip the ratio plots")
-    p.add_argument("--quiet", action="store_true", help="no progress messages")
-    p.set_defaults(func=_cmd)
+def method_ratio_plots(result: dict, out: Path) -> list[Path]:
+    """Measured vs kvsim method / FP16 throughput ratios (kvsim.cost.method_fit), one figure per model:
+    a row per method, columns prefill and decode against prompt length (batch 1) and against batch size
+    (prompt 1024). Measured: points; kvsim fitted on the other model only: solid line; on both: dashed."""
+    from kvsim.metrics.plots import pyplot
 
-
-def _cmd(args) -> int:
-    data = args.data or str(default_data_path())
-    result = run(data, progress=not args.quiet)
-    write_outputs(result, Path(args.out), data_path="../shared/reference/seed-lmdeploy/throughput.csv"
-                  if args.data is None else args.data, plot=not args.no_plot)
-    print(error_table_md(result))
-    print(f"wrote {args.out}/method_terms.yaml, errors.csv, errors.md" + ("" if args.no_plot else ", ratios_*.png"))
-    print("the committed terms live in kvsim/methods/data/method_terms.yaml (results/method-costs/regenerate.sh)")
-    return 0
+    plt = pyplot()
+    rows = result["rows"]
+    methods = [m for m in SEED_METHODS if m != "None-16" and any(r["method"] == m for r in rows)]
+    panels = [("prefill", "prompt_len", 1), ("prefill", "batch_size", 1024),
+              ("decoding", "prompt_len", 1), ("decoding", "batch_size", 1024)]
+    written = []
+    for model in sorted({r["model"] for r in rows}):
+        fold = result["folds"].get(model)
+        fig, axes = plt.subplots(len(methods), 4, figsize=(15, 2.6 * len(methods)), squeeze=False)
+        for i, meth in enumerate(methods):
+            key = next(k for k, spec in IMPL_TERMS.items() if spec.label == meth)
+            fits = [("fit on both models", "--", result["params"], result["terms"])]
+            if fold and key in fold["terms"]:
+                fits.insert(0, (f"method terms fitted on {'+'.join(fold['fit_on'])} only", "-", result["params"],
+                                {**result["terms"], key: fold["terms"][key]}))
+            for j, (stage, axis, fixed) in enumerate(panels):
+                ax = axes[i][j]
+                other = "batch_size" if axis == "prompt_len" else "prompt_len"
+                pts = sorted((r[axis], r["measured_ratio"]) for r in rows
+                             if r["model"] == model and r["method"] == meth and r["stage"] == stage
+                             and r["measured_ratio"] is not None
+                             and (r[other] == fixed or (other == "prompt_len" and stage == "decoding"
+                                                        and fixed - 64 <= r[other] <= fixed + 65)))
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], "o", color="black", ms=4, label="measured")
+                xs = ([128, 256, 384, 512, 768, 1024, 1536, 2048, 2560, 3072, 3584, 4096] if axis == "prompt_len"
+                      else [1, 2, 3, 4, 6, 8, 12, 16])
+                for label, style, params, terms in fits:
+                    pred = Predictor(params)
+                    ys = []
+                    with trial_terms(terms):
+                        for x in xs:
+                            b, p = (fixed, x) if axis == "prompt_len" else (x, fixed)
+                            pt = Point(model, meth, stage, b, p, 0.0)
+                            ys.append(pred.throughput(pt) / pred.throughput(replace(pt, label="None-16")))
+                    ax.plot(xs, ys, style, color="tab:blue", lw=1.2, label=f"kvsim, {label}")
+                ax.axhline(1.0, color="grey", lw=0.6)
+                ax.set_xscale("log", base=2)
+                # at least 0.85-1.15 shown, so a 1 % wiggle does not look like a trend
+                lo, hi = ax.get_ylim()
+                ax.set_ylim(min(lo, 0.85), max(hi, 1.15))
+                ax.set_title(f"{meth} {stage} vs {axis.replace('_', ' ')}"
+                             f" ({'batch 1' if axis == 'prompt_len' else 'prompt 1024'})"
+                             + ("" if pts else ": not measured"), fontsize=8)
+                ax.tick_params(labelsize=7)
+                if j == 0:
+                    ax.legend(fontsize=6)
+                if j == 0:
+                    ax.set_ylabel("method / FP16 throughput", fontsize=7)
+        fig.suptitle(f"{model}: LMDeploy 0.6, 48 GB Ampere card (seed paper data) vs kvsim", fontsize=10)
+        fig.tight_layout()
+        path = Path(out) / f"ratios_{model}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    return written
 
 
 __all__ = ["run", "load_points", "fit_fold", "predict_rows", "error_stats", "fixed_batch_throughput",

@@ -27,6 +27,15 @@ _log = math.log
 _exp = math.exp
 
 
+def interp_loglog(x: float, x0: float, t0: float, x1: float, t1: float) -> float:
+    """Between two points (x0, t0) and (x1, t1): linear in (log x, log t), the rule between grid points
+    everywhere (profile lookups, kvprof's leave-one-out check, the importers' resampling)."""
+    if x0 == x1:
+        return t0
+    w = (_log(x) - _log(x0)) / (_log(x1) - _log(x0))
+    return math.exp(_log(t0) + w * (_log(t1) - _log(t0)))
+
+
 def _is_num(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 

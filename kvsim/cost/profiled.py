@@ -3,15 +3,16 @@ profile does not cover (absent table, point outside the grid, or next to a missi
 
 from __future__ import annotations
 
-import math
 from bisect import bisect_right
 from functools import lru_cache
 from pathlib import Path
 
 from kvsim.cost.base import CostModel, StepShape
+from kvsim.cost.profile import interp_loglog
 from kvsim.cost.roofline import RooflineCost
+from kvsim.resources import profiles_dir
 
-PROFILES_ROOT = Path(__file__).resolve().parents[2] / "profiles"
+PROFILES_ROOT = profiles_dir()
 
 
 def profile_candidates(model: str, hardware: str, tp: int, root: Path | None = None) -> list[Path]:
@@ -37,7 +38,7 @@ def find_profile(model: str, hardware: str, tp: int):
 
 @lru_cache(maxsize=1)
 def length_profiles():
-    """The committed ``kvprof lengths`` profiles (``profiles/lengths/*.json``), loaded once. Which one a run
+    """The committed ``kvprof lengths`` profiles (``kvsim/profiles/lengths/*.json``), loaded once. Which one a run
     uses is decided in kvsim.engine.output_length.choose_length_ratio."""
     from kvsim.cost.profile import load_profile
 
@@ -63,8 +64,7 @@ def prefill_lookup(table, q: int, kv: int):
     v0, v1 = table.lookup_at(c0, c0 + h), table.lookup_at(c1, c1 + h)
     if v0 is None or v1 is None:
         return None
-    w = math.log(q / c0) / math.log(c1 / c0)
-    return math.exp(math.log(v0) + w * (math.log(v1) - math.log(v0)))
+    return interp_loglog(q, c0, v0, c1, v1)
 
 
 def linear_edge_lookup(table, x) -> float:

@@ -67,7 +67,7 @@ weight/activation element:
   scheduling). Kernel timings cannot show them, so they are set a priori (README, "Calibration").
 
 The efficiency terms live in :class:`RooflineParams`. ``kvsim/cost/calibration.yaml`` holds values
-fitted per hardware by ``kvsim calibrate`` on the real-GPU kernel timings in ``profiles/imported/``
+fitted per hardware by ``kvsim calibrate`` on the real-GPU kernel timings in ``kvsim/profiles/imported/``
 (a ``default`` entry, fitted across all of them, serves hardware without a fit); the generic defaults
 below are used only when that file is missing.
 """
@@ -82,7 +82,7 @@ from importlib import resources
 import yaml
 
 from kvsim.cost.base import CostModel, StepShape
-from kvsim.cost.work import Work
+from kvsim.work import Work
 from kvsim.methods.base import Method
 from kvsim.specs.hardware import HardwareSpec
 from kvsim.specs.model import ModelSpec
@@ -150,6 +150,11 @@ def _calibration_table() -> dict:
     except (FileNotFoundError, OSError):
         return {}
     return yaml.safe_load(text) or {}
+
+
+def reload_calibration() -> None:
+    """Read calibration.yaml again on next use (after ``kvsim calibrate`` rewrote it)."""
+    _calibration_table.cache_clear()
 
 
 def params_from_entry(entry: dict, source: str | None = None) -> RooflineParams:

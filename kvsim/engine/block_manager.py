@@ -43,6 +43,10 @@ class BlockManager:
     def num_used(self) -> int:
         return self.num_blocks - self.num_free
 
+    def used(self) -> int:
+        """``num_used`` as a plain call (the replica reads it once per committed step)."""
+        return self.num_blocks - self._free_plain - len(self._cached_free)
+
     def _take(self, n: int) -> None:
         plain = min(n, self._free_plain)
         self._free_plain -= plain

@@ -42,7 +42,6 @@ a time in the order they were asked for.
 
 from __future__ import annotations
 
-import dataclasses
 import heapq
 import math
 from collections import deque
@@ -52,9 +51,9 @@ from kvsim.engine.cluster import make_router
 from kvsim.engine.kvlink import LinkLog, Port, book, layerwise_last_byte
 from kvsim.engine.replica import PendingStep, Replica
 from kvsim.engine.sequence import FINISHED, Sequence
+from kvsim.engine.clock import URGENT
 from kvsim.engine.sim import Simulation
-from kvsim.errors import ConfigError
-from kvsim.specs.links import LinkSpec, load_link
+from kvsim.specs.links import LinkSpec
 from kvsim.workload.request import InvalidRecord
 
 
@@ -227,7 +226,7 @@ class PrefillReplica(Replica):
                 self.cluster.on_drop(x)
         super()._reject_dropped()
 
-    def _finish(self, s: Sequence, t: float) -> None:
+    def _finish(self, s: Sequence, t: float) -> bool:
         s.status = FINISHED
         self.outstanding_tokens -= s.prompt_tokens + s.output_tokens
         x = s.xfer
@@ -243,6 +242,7 @@ class PrefillReplica(Replica):
         if math.isnan(x.handoff_s):
             x.last_step_start_s, x.last_step_s = t, 0.0
             self.cluster.handoff(x, t)
+        return False  # handed on: the decode instance finishes the request
 
 
 # -- the cluster ------------------------------------------------------------------------------------------------
@@ -293,8 +293,8 @@ class DisaggSimulation(Simulation):
     """The SimPy layer for a P/D cluster: arrivals go to a prefill and a decode instance; each instance runs the
     usual replica process (kvsim.engine.sim), transfers wake the instance they land on."""
 
-    def __init__(self, cluster: DisaggCluster, recorder, lengths, progress=None, check_invariants: bool = False):
-        super().__init__(cluster.replicas, None, recorder, lengths, progress, check_invariants)
+    def __init__(self, cluster: DisaggCluster, observers, lengths, check_invariants: bool = False):
+        super().__init__(cluster.replicas, None, observers, lengths, check_invariants)
         self.cluster = cluster
         self._single = False
         cluster.on_drop = lambda x: self.live.pop(id(x.decode_seq), None)
@@ -305,20 +305,23 @@ class DisaggSimulation(Simulation):
         nxt = next(it, None)
         index = 0
         last_t = 0.0
-        rec = self.rec
+        on_arrival, on_reject = self._on_arrival, self._on_reject
         while nxt is not None:
             item, nxt = nxt, next(it, None)
             if isinstance(item, InvalidRecord):
-                rec.arrival(item.arrival_time_s)
-                rec.reject(f"line-{item.line}", item.arrival_time_s, None, None, f"invalid_{item.code}")
+                for f in on_arrival:
+                    f(item.arrival_time_s)
+                for f in on_reject:
+                    f(f"line-{item.line}", item.arrival_time_s, None, None, f"invalid_{item.code}")
                 continue
             t = max(item.arrival_time_s, last_t)
             last_t = t
             if t > self.env.now:
                 self.next_arrival_s = t
                 self.num_events += 1
-                yield self._at(t)
-            rec.arrival(item.arrival_time_s)
+                yield self.env.at(t, URGENT)
+            for f in on_arrival:
+                f(item.arrival_time_s)
             out = self.lengths.output_tokens(item.output_tokens, item.prompt_tokens, item.max_tokens)
             dseq = Sequence(item, index, out)
             pseq = Sequence(item, index, 1)
@@ -329,14 +332,11 @@ class DisaggSimulation(Simulation):
             if reason is None:
                 reason, where = p.add(pseq), p.id
             if reason:
-                rec.reject(item.request_id, item.arrival_time_s, item.prompt_tokens, item.output_tokens, reason, where)
+                for f in on_reject:
+                    f(item.request_id, item.arrival_time_s, item.prompt_tokens, item.output_tokens, reason, where)
             else:
                 self._accept(p, d, pseq, dseq, t)
-            if self.progress is not None and index % 1024 == 0:
-                self.progress.update(1024)
         self.next_arrival_s = math.inf
-        if self.progress is not None:
-            self.progress.update(index % 1024)
 
     def _refusal(self, p: Replica, d: Replica, dseq: Sequence) -> str | None:
         if dseq.prompt_tokens + dseq.output_tokens > d.max_model_len:
@@ -366,26 +366,7 @@ class DisaggSimulation(Simulation):
         live = [s for s in self.live.values() if s.replica == r.id]
         held = {id(s) for s in live}
         live += [s for s in self.cluster.holders(r) if id(s) not in held]
-        r.kv.pool.check(live)
-        assert r.kv.pool.num_used <= r.kv.pool.num_blocks
-
-
-# -- building one from a run spec --------------------------------------------------------------------------------
-def side_spec(spec, tp: int):
-    """The run spec of one side: the same model, GPU and method at its own tensor-parallel degree (a kernel
-    profile measured at another degree is replaced by the one found for this degree, else the roofline)."""
-    from kvsim.api import check_parallel_shape
-
-    if tp == spec.config.tensor_parallel_size:
-        return spec
-    cfg = dataclasses.replace(spec.config, tensor_parallel_size=tp)
-    check_parallel_shape(spec.model, cfg)
-    prof = spec.profile
-    if prof is not None and getattr(prof, "tables", None) and prof.tensor_parallel_size != tp:
-        from kvsim.cost.profiled import find_profile
-
-        prof = find_profile(spec.model.name, spec.hardware.name, tp)
-    return dataclasses.replace(spec, config=cfg, profile=prof)
+        r.kv.check(live)
 
 
 def transfer_bytes_fn(method, model, tp_d: int):
@@ -400,60 +381,4 @@ def transfer_bytes_fn(method, model, tp_d: int):
     return f
 
 
-def build_disagg(spec, recorder, fast_forward: bool = True, log: LinkLog | None = None) -> DisaggCluster:
-    """Prefill and decode instances for ``spec.transfer`` (kvsim.transfer.TransferConfig)."""
-    from kvsim.api import does_not_fit_message, lockstep_dp, make_cost
-    from kvsim.engine.block_manager import BlockManager
-    from kvsim.engine.kv_cache_manager import KVCacheManager
-    from kvsim.engine.memory import num_kv_blocks
-    from kvsim.engine.scheduler import PrefillFirstScheduler, Scheduler
-
-    tr = spec.transfer
-    cfg = spec.config
-    if cfg.num_replicas != 1 or cfg.data_parallel_size != 1:
-        raise ConfigError(f"disaggregated serving: num_replicas={cfg.num_replicas}, data_parallel_size="
-                          f"{cfg.data_parallel_size}: the instance counts give the replicas "
-                          "(--num-prefill-instances / --num-decode-instances); leave both at 1")
-    if lockstep_dp(spec):
-        raise ConfigError("disaggregated serving of a MoE model with expert parallelism across data-parallel ranks "
-                          "is not modelled")
-    tp_p = tr.prefill_tensor_parallel_size or cfg.tensor_parallel_size
-    tp_d = tr.decode_tensor_parallel_size or cfg.tensor_parallel_size
-    link = load_link(tr.kv_transfer_link)
-    if tr.kv_transfer_latency_us is not None:
-        link = link.with_latency(tr.kv_transfer_latency_us * 1e-6)
-    prefill, decode = [], []
-    rid = 0
-    for side, n, tp in (("prefill", tr.num_prefill_instances, tp_p), ("decode", tr.num_decode_instances, tp_d)):
-        sspec = side_spec(spec, tp)
-        scfg = sspec.config
-        blocks = num_kv_blocks(sspec.model, sspec.hardware, scfg, sspec.method)
-        if blocks < 1:
-            raise ConfigError(f"{side} instances: " + does_not_fit_message(sspec))
-        cost = make_cost(sspec)
-        cls = PrefillFirstScheduler if scfg.scheduler == "prefill-first" else Scheduler
-        unchunked = scfg.scheduler == "prefill-first" or not scfg.enable_chunked_prefill
-        for _ in range(n):
-            pool = BlockManager(blocks, scfg.block_size, scfg.enable_prefix_caching)
-            kv = KVCacheManager(pool, sspec.method, sspec.model, tp)
-            sched = cls(kv, scfg.max_num_seqs, scfg.max_num_batched_tokens or scfg.max_model_len,
-                        scfg.enable_chunked_prefill)
-            if side == "prefill":
-                r = PrefillReplica(rid, sched, kv, cost, recorder, scfg.max_model_len, False,
-                                   reject_over_budget_prompts=unchunked)
-                r.tp = tp
-                prefill.append(r)
-            else:
-                r = Replica(rid, sched, kv, cost, recorder, scfg.max_model_len, fast_forward,
-                            reject_over_budget_prompts=unchunked)
-                decode.append(r)
-            if tr.offload:
-                from kvsim.engine.offload import attach_tier, make_tier
-
-                attach_tier(r, make_tier(tr, sspec, tp, log, rid))
-            rid += 1
-    return DisaggCluster(prefill, decode, link, tr.kv_transfer_mode, spec.model.num_layers, tp_d,
-                         transfer_bytes_fn(spec.method, spec.model, tp_d), log, tr.prefill_router, tr.decode_router)
-
-
-__all__ = ["DisaggCluster", "DisaggSimulation", "PrefillReplica", "Transfer", "build_disagg", "transfer_bytes_fn"]
+__all__ = ["DisaggCluster", "DisaggSimulation", "PrefillReplica", "Transfer", "transfer_bytes_fn"]

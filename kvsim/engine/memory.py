@@ -32,11 +32,13 @@ def activation_reserve_bytes(model: ModelSpec, cfg: EngineConfig) -> int:
 
 
 def kv_capacity_bytes(model: ModelSpec, hw: HardwareSpec, cfg: EngineConfig) -> int:
-    ep = cfg.data_parallel_size * cfg.tensor_parallel_size if cfg.enable_expert_parallel else 1
-    ep_over_tp = max(1, ep // cfg.tensor_parallel_size)
-    weights = model.weight_bytes(cfg.tensor_parallel_size, ep_over_tp)
-    reserve = cfg.activation_reserve_bytes if cfg.activation_reserve_bytes is not None else activation_reserve_bytes(model, cfg)
-    return int(cfg.gpu_memory_utilization * hw.memory_bytes - weights - reserve)
+    weights = model.weight_bytes(cfg.tensor_parallel_size, cfg.expert_parallel_size)
+    return int(cfg.gpu_memory_utilization * hw.memory_bytes - weights - reserved_bytes(model, cfg))
+
+
+def reserved_bytes(model: ModelSpec, cfg: EngineConfig) -> int:
+    """The activation reserve: the configured one, else kvsim's estimate."""
+    return cfg.activation_reserve_bytes if cfg.activation_reserve_bytes is not None else activation_reserve_bytes(model, cfg)
 
 
 def num_kv_blocks(model: ModelSpec, hw: HardwareSpec, cfg: EngineConfig, method: Method) -> int:

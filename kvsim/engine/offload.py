@@ -190,9 +190,8 @@ def attach_tier(replica, tier: CPUTier) -> CPUTier:
     """Give ``replica`` its CPU tier: admissions look it up, newly hashed prompt blocks are stored in it, and it
     moves loaded requests back into the queue at the replica's step boundaries."""
     kv = replica.kv
-    kv.tier = tier
-    kv.pool.on_register = tier.on_register
-    tier.bind(replica.scheduler, kv.bs)
+    kv.set_tier(tier)
+    tier.bind(replica.scheduler, kv.block_size)
     replica.agents = (*replica.agents, tier)
     return tier
 

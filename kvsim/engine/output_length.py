@@ -64,7 +64,7 @@ def _from_profile(prof, spec: str, where: str) -> LengthRatio | None:
 
 
 def measured_entries(method_spec: str) -> list[tuple[Path, object]]:
-    """The committed ``profiles/lengths/`` profiles that measured this exact method setting."""
+    """The committed ``kvsim/profiles/lengths/`` profiles that measured this exact method setting."""
     from kvsim.cost.profiled import length_profiles
 
     return [(p, prof) for p, prof in length_profiles() if _measured((prof.lengths or {}).get(method_spec))]

@@ -16,38 +16,26 @@ no step n+1 in flight and schedules the request as soon as step n ends).
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
-from dataclasses import dataclass, field
-from itertools import accumulate, pairwise
+from itertools import accumulate
 from operator import attrgetter
 
 from kvsim.cost.base import CostModel, StepShape
+from kvsim.engine.events import PendingStep, Step, hooks, wants_step_shapes
 from kvsim.engine.kv_cache_manager import KVCacheManager
 from kvsim.engine.scheduler import Scheduler, StepPlan
 from kvsim.engine.sequence import FINISHED, RUNNING, Sequence
-from kvsim.metrics.collector import Recorder
-
-
-@dataclass(slots=True)
-class PendingStep:
-    start_s: float
-    end_s: float
-    plan: StepPlan | None = None
-    #: fast-forward stretch: number of decode steps and each step's end time (summed in step order,
-    #: as stepping would advance the clock)
-    ff_steps: int = 0
-    ff_ends: list = field(default_factory=list)
 
 
 class Replica:
     def __init__(self, replica_id: int, scheduler: Scheduler, kv: KVCacheManager, cost: CostModel,
-                 recorder: Recorder, max_model_len: int, fast_forward: bool = True,
+                 observers=(), max_model_len: int = 1 << 62, fast_forward: bool = True,
                  reject_over_budget_prompts: bool = False, async_scheduling: bool = False):
         self.id = replica_id
         self.scheduler = scheduler
         self.kv = kv
         self.method = kv.method
         self.cost = cost
-        self.rec = recorder
+        self.set_observers(observers)
         self.max_model_len = max_model_len
         self.fast_forward = fast_forward
         self.reject_over_budget_prompts = reject_over_budget_prompts
@@ -56,15 +44,14 @@ class Replica:
         self.num_ff_stretches = 0
         #: id of the lockstep group this replica is a data-parallel rank of (kvsim.engine.sim); None: independent
         self.lockstep_group = None
-        self.pending: PendingStep | None = None
-        self._timeline_last_s = -float("inf")
+        self.pending: Step | None = None
         #: KV bytes held by the running sequences and what the full cache would hold for them, integrated
         #: over simulated time (byte-seconds); the current values and when they were last updated
         self.kv_held_byte_s = 0.0
         self.kv_full_byte_s = 0.0
         self._kv_held_now = 0.0
         self._kv_full_now = 0.0
-        self._kv_last_s = 0.0
+        self.kv_last_s = 0.0
         #: the most KV bytes this replica's sequences held at once, and the most the full cache would have
         self.peak_kv_held_bytes = 0.0
         self.peak_kv_full_bytes = 0.0
@@ -77,6 +64,14 @@ class Replica:
         #: what moves this replica's KV beyond its GPUs (a CPU tier, a P/D side; kvsim.engine.offload and
         #: kvsim.engine.disagg): each gets ``before_schedule(now)`` at every step boundary; () for a plain replica
         self.agents = ()
+
+    def set_observers(self, observers) -> None:
+        """Who hears of this replica's steps and rejections (kvsim.engine.events.Observer)."""
+        self.observers = list(observers)
+        self._on_step = hooks(self.observers, "on_step")
+        self._on_reject = hooks(self.observers, "on_reject")
+        #: an observer wants every fast-forwarded step's shape (validate's step log)
+        self._record_shapes = wants_step_shapes(self.observers)
 
     # -- arrivals -----------------------------------------------------------------------------------
     def add(self, seq: Sequence) -> str | None:
@@ -117,7 +112,7 @@ class Replica:
         self.incoming = keep
 
     # -- one step or one stretch ----------------------------------------------------------------------
-    def begin(self, now: float, horizon_s: float = float("inf")) -> PendingStep | None:
+    def begin(self, now: float, horizon_s: float = float("inf")) -> Step | None:
         """Plan the next step (or decode stretch) starting at ``now``; None when there is nothing to run.
 
         ``horizon_s`` is the next arrival anywhere: a stretch never runs a step that starts at or after it.
@@ -149,7 +144,7 @@ class Replica:
             self.pending = self._plan_stretch(now, plan, horizon_s)
             return self.pending
         meth = self.method
-        keeps_all = self.kv._keeps_all
+        keeps_all = self.kv.keeps_all
         num_decode = kept = max_kept = 0
         chunks = []
         for seq, n in plan.scheduled:
@@ -163,23 +158,25 @@ class Replica:
             else:
                 total = seq.num_computed + n
                 chunks.append((n, total, total == seq.num_tokens))
-        dt = self.cost.step_time_s(StepShape(num_decode, kept, chunks, max_kept))
-        self.pending = PendingStep(now, now + dt, plan)
+        shape = StepShape(num_decode, kept, chunks, max_kept)
+        dt = self.cost.step_time_s(shape)
+        self.pending = Step(now, now + dt, plan, shape)
         return self.pending
 
     def _reject_dropped(self) -> None:
         """Preempted sequences the scheduler can never run again leave as rejected requests."""
         for s, reason in self.scheduler.dropped:
             self.outstanding_tokens -= s.prompt_tokens + s.output_tokens
-            self.rec.reject(s.req.request_id, s.arrival_s, s.prompt_tokens, s.req.output_tokens, reason, self.id)
+            for f in self._on_reject:
+                f(s.req.request_id, s.arrival_s, s.prompt_tokens, s.req.output_tokens, reason, self.id)
         self.scheduler.dropped.clear()
 
-    def _plan_stretch(self, now: float, plan: StepPlan, horizon_s: float) -> PendingStep:
+    def _plan_stretch(self, now: float, plan: StepPlan, horizon_s: float) -> Step:
         seqs = [s for s, _ in plan.scheduled]
         kv = self.kv
         B = len(seqs)
         steps_to_finish = min([s.output_tokens - s.generated for s in seqs])
-        if kv._keeps_all:
+        if kv.keeps_all:
             kept0 = growth = None  # every kept count rises by one per step; built only if memory is short
             S = sum([s.num_computed for s in seqs]) + B
         else:
@@ -195,6 +192,9 @@ class Replica:
         if kv.paged and n_max > 1:
             n_max = self._steps_within_memory(seqs, kept0, growth, n_max)
         step_time = self.cost.decode_step_fn(B)
+        shapes = None
+        if self._record_shapes:
+            step_time, shapes = _recording(step_time)
         t = now
         ends = []
         if growth is None or min(growth) >= n_max:
@@ -234,14 +234,14 @@ class Replica:
                     D = B - si
                     cm, gm = capped_max[si], growing_max[si]
         self.num_ff_stretches += 1
-        return PendingStep(now, t, plan, len(ends), ends)
+        return Step(now, t, plan, None, len(ends), ends, shapes)
 
     def _steps_within_memory(self, seqs, kept0, growth, n_max: int) -> int:
         """Largest n <= n_max such that steps 1..n-1 find the blocks they need (step 0 already has them).
 
         ``kept0``/``growth`` None: every sequence keeps all its tokens (kept0 = num_computed + 1)."""
-        bs, extra = self.kv.bs, self.kv.extra_blocks
-        free = self.kv.pool.num_free
+        bs, extra = self.kv.block_size, self.kv.extra_blocks
+        free = self.kv.num_free_blocks
         # step 0 holds the blocks of kept0 tokens and a kept count rises by at most one per step, so
         # steps 1..j add at most ceil(j / bs) blocks per sequence: usually plenty are free
         if len(seqs) * -(-(n_max - 1) // bs) <= free:
@@ -271,7 +271,7 @@ class Replica:
                 hi = mid
         return lo + 1
 
-    def _account_kv(self, p: PendingStep, t: float, fin: list) -> None:
+    def _account_kv(self, p: Step, t: float, fin: list) -> None:
         """Integrate KV bytes held and full-cache bytes over the step (or stretch) that ends at ``t``.
 
         One definition, used for ``kv_bytes_saved_fraction`` (time-averaged) and its peak: a running
@@ -285,9 +285,9 @@ class Replica:
         kv = self.kv
         seqs = self.scheduler.running
         start = p.start_s
-        keeps_all = kv._keeps_all
+        keeps_all = kv.keeps_all
         # between the last step and this one (an idle replica holds nothing)
-        gap = start - self._kv_last_s
+        gap = start - self.kv_last_s
         if gap > 0:
             self.kv_held_byte_s += self._kv_held_now * gap
             self.kv_full_byte_s += self._kv_full_now * gap
@@ -334,14 +334,15 @@ class Replica:
             f_held = f_full if keeps_all else sum(self.method.kept_tokens(s.prefill_base, s.num_computed) for s in fin)
             held -= f_held * bpt + len(fin) * extra
             full -= f_full * full_bpt
-        self._kv_held_now, self._kv_full_now, self._kv_last_s = held, full, t
+        self._kv_held_now, self._kv_full_now, self.kv_last_s = held, full, t
 
-    def _finish(self, s: Sequence, t: float) -> None:
-        """A sequence generated its last token at ``t``: it leaves (a P/D prefill side hands it on instead)."""
+    def _finish(self, s: Sequence, t: float) -> bool:
+        """A sequence generated its last token at ``t``: it leaves (True; the step event lists it as finished),
+        or a P/D prefill side hands it on instead (False; kvsim.engine.disagg)."""
         self.kv.free(s)
         s.status = FINISHED
         self.outstanding_tokens -= s.prompt_tokens + s.output_tokens
-        self.rec.finish(s, t)
+        return True
 
     def truncate(self, t_s: float) -> bool:
         """A request arrived here at ``t_s`` during a fast-forward stretch: keep only the steps up to
@@ -360,27 +361,24 @@ class Replica:
         return True
 
     def commit(self) -> list[Sequence]:
-        """Apply the pending step at its end time; returns the sequences that finished."""
+        """Apply the pending step at its end time, tell the observers; returns the sequences that finished."""
         p, self.pending = self.pending, None
         t = p.end_s
         self._last_end_s = t
         self._last_start_s = p.ff_ends[-2] if p.ff_steps > 1 else p.start_s
-        rec, kv, sched = self.rec, self.kv, self.scheduler
+        kv, sched = self.kv, self.scheduler
         finished = []
         if p.ff_steps:
             k = p.ff_steps
-            ends = p.ff_ends
             seqs = [s for s, _ in p.plan.scheduled]
-            t1 = ends[0]
-            rec.itl.add_many([t1 - s.last_token_s for s in seqs])
-            if k > 1:
-                # what stepping records: differences of consecutive end times; a batch of B gets B
-                # samples each
-                rec.itl.add_many([b - a for a, b in pairwise(ends)], len(seqs))
+            t1 = p.ff_ends[0]
+            p.itl = [t1 - s.last_token_s for s in seqs]
+            if p.ff_shapes is not None:
+                del p.ff_shapes[k:]  # an arrival cut the stretch short
             # generated blocks are hashed as stepping would have hashed them, step by step
             register = kv.register_computed if kv.hash_generated else None
-            paged, grow, blocks_for = kv.paged, kv.pool.grow, kv.blocks_for
-            keeps_all, bs, extra = kv._keeps_all, kv.bs, kv.extra_blocks
+            paged, grow, blocks_for = kv.paged, kv.grow_to, kv.blocks_for
+            keeps_all, bs, extra = kv.keeps_all, kv.block_size, kv.extra_blocks
             for s in seqs:
                 s.num_computed += k
                 s.generated += k
@@ -394,14 +392,12 @@ class Replica:
                     register(s)
                 if s.generated == s.output_tokens:
                     finished.append(s)
-            rec.step(k, len(seqs))
         else:
-            plan = p.plan
             itl = []
             after_compute = kv.after_compute
             # after_compute only acts where eviction can shrink a sequence or its blocks are hashed
-            shrinks = kv.paged and not kv._keeps_all
-            for s, n in plan.scheduled:
+            shrinks = kv.paged and not kv.keeps_all
+            for s, n in p.plan.scheduled:
                 s.num_computed += n
                 if shrinks or s.hash_keys is not None:
                     after_compute(s)
@@ -414,22 +410,40 @@ class Replica:
                     s.generated += 1
                     if s.generated == s.output_tokens:
                         finished.append(s)
-            rec.itl.add_many(itl)
-            rec.step(1, len(plan.scheduled))
-        rec.kv_used(kv.pool.num_used)
+            p.itl = itl
+        p.kv_blocks_used = kv.used_blocks()
         self._account_kv(p, t, finished)
+        finished_here, handed_on = finished, None
         if finished:
             done = set(map(id, finished))
             sched.running = [s for s in sched.running if id(s) not in done]
+            handed_on = []
             for s in finished:
-                self._finish(s, t)
-        if t - self._timeline_last_s >= rec.timeline_interval_s or (finished and not sched.running and not sched.waiting):
-            self._timeline_last_s = t
-            rec.timeline(t, self.id, len(sched.running), len(sched.waiting), kv.pool.num_used, kv.pool.num_blocks,
-                         force=True)
+                if not self._finish(s, t):
+                    handed_on.append(s)
+            if handed_on:
+                finished_here = [s for s in finished if s not in handed_on]
+        p.replica = self
+        p.finished = finished_here
+        p.handed_on = handed_on
+        for f in self._on_step:
+            f(p)
         return finished
+
+
+def _recording(step_time):
+    """``step_time`` that also writes down each step's (kept-token sum, largest kept count, time)."""
+    shapes = []
+    add = shapes.append
+
+    def timed(kept: int, max_kept: int = 0) -> float:
+        dt = step_time(kept, max_kept)
+        add((kept, max_kept, dt))
+        return dt
+
+    return timed, shapes
 
 
 _num_computed = attrgetter("num_computed")
 
-__all__ = ["Replica", "PendingStep", "RUNNING"]
+__all__ = ["Replica", "PendingStep", "Step", "RUNNING"]

@@ -113,8 +113,8 @@ class Scheduler:
         running = self.running
         kv = self.kv
         # full-cache fast path: a sequence needs a new block only when it crosses a block boundary
-        fast = kv.paged and kv._keeps_all
-        bs, extra = kv.bs, kv.extra_blocks
+        fast = kv.paged and kv.keeps_all
+        bs, extra = kv.block_size, kv.extra_blocks
         append = plan.scheduled.append
         pure_decode = True
         i = 0
@@ -190,7 +190,7 @@ class Scheduler:
             return True
         n = min(need, budget)
         target = self.kv.blocks_for(seq, seq.num_computed + n) if self.kv.paged else self.kv.reservation(seq)
-        return target - seq.blocks > self.kv.pool.num_free
+        return target - seq.blocks > self.kv.num_free_blocks
 
 
 class PrefillFirstScheduler(Scheduler):
@@ -234,4 +234,4 @@ class PrefillFirstScheduler(Scheduler):
         if need > self.max_num_batched_tokens:
             return True
         target = self.kv.blocks_for(seq, seq.num_computed + need) if self.kv.paged else self.kv.reservation(seq)
-        return target - seq.blocks > self.kv.pool.num_free
+        return target - seq.blocks > self.kv.num_free_blocks

@@ -30,18 +30,22 @@ class Sequence:
         #: tokens that were prompt for the current (re)admission: the prompt, or prompt + generated
         #: after a preemption by recompute; methods treat it as the prompt
         self.prefill_base = req.prompt_tokens
+        # -- the KV cache manager's state of this sequence (kvsim.engine.kv_cache_manager and block_manager
+        # write it, nothing else does: tests/test_layers.py; it lives here, not in a table of the manager,
+        # because the scheduler's and the replica's hot loops read ``blocks`` for every sequence of a step)
         #: KV blocks held (shared prefix blocks included)
         self.blocks = 0
         self.shared_hashes: list = []
         #: non-paged method: the contiguous reservation has been made
         self.reserved = False
+        #: prefix-cache keys of the sequence's blocks (None until it is first admitted with prefix caching)
+        self.hash_keys = None
         self.arrival_s = req.arrival_time_s
         self.first_token_s: float | None = None
         self.last_token_s: float | None = None
         self.num_preemptions = 0
         self.prefix_hit_tokens = 0
         self.status = WAITING
-        self.hash_keys = None
         self.replica = -1
         #: the prompt's KV came from a prefill instance: the first step here recomputes the last prompt
         #: token to sample the first output token, a decode over the received cache (vLLM's P/D)

@@ -26,44 +26,14 @@ arrives sees that request when it plans the next step (as vLLM's engine loop wou
 from __future__ import annotations
 
 import math
-from heapq import heappush
 
-import simpy
-from simpy.events import NORMAL, URGENT
-
+from kvsim.engine.clock import NORMAL, URGENT, Clock, EmptySchedule, Event
 from kvsim.engine.cluster import VllmDPBalancer, cudagraph_capture_sizes, dp_token_counts
+from kvsim.engine.events import hooks
 from kvsim.engine.output_length import LengthSampler
 from kvsim.engine.replica import Replica
 from kvsim.engine.sequence import Sequence
-from kvsim.metrics.collector import Recorder
 from kvsim.workload.request import InvalidRecord
-
-
-class _Environment(simpy.Environment):
-    """SimPy schedules at ``now + delay``, and no delay may land exactly on a given time ``t`` (when ``now``
-    has finer bits than ``t``, ``now + d`` can skip ``t``'s value for every d). Events here are placed at
-    their absolute time instead (``_At``), so a step ends exactly at the time the replica computed, whether
-    it was stepped or fast-forwarded, and clocks never drift between runs."""
-
-    def wait_instead(self, proc: simpy.Process, t: float, priority: int) -> None:
-        """``proc`` waits for an event at ``t`` instead of the one it waits for now. What interrupting it
-        and having it yield a new event would do, without throwing an exception into it (a stretch is
-        cut short on almost every arrival); the old event stays queued, with nobody waiting on it."""
-        proc._target.callbacks.remove(proc._resume)
-        ev = _At(self, t, priority)
-        ev.callbacks.append(proc._resume)
-        proc._target = ev
-
-
-class _At(simpy.Event):
-    """An event at the absolute time ``t`` (now if ``t`` is past), made and queued in one go."""
-
-    def __init__(self, env: _Environment, t: float, priority: int):
-        self.env = env
-        self.callbacks = []
-        self._ok = True
-        self._value = None
-        heappush(env._queue, (t if t > env._now else env._now, priority, next(env._eid), self))
 
 
 class LockstepGroup:
@@ -99,21 +69,26 @@ class LockstepGroup:
 
 
 class Simulation:
-    def __init__(self, replicas: list[Replica], router, recorder: Recorder, lengths: LengthSampler,
-                 progress=None, check_invariants: bool = False):
-        self.env = _Environment()
+    """Drives replicas through simulated time. ``observers`` (kvsim.engine.events.Observer) hear every
+    arrival and rejection here, and every step from the replicas (which the run builder gave the same
+    observers)."""
+
+    def __init__(self, replicas: list[Replica], router, observers, lengths: LengthSampler,
+                 check_invariants: bool = False):
+        self.env = Clock()
         self.replicas = replicas
         self.router = router
-        self.rec = recorder
+        self.observers = list(observers)
+        self._on_arrival = hooks(self.observers, "on_arrival")
+        self._on_reject = hooks(self.observers, "on_reject")
         self.lengths = lengths
-        self.progress = progress
         self.check_invariants = check_invariants
         self.next_arrival_s = math.inf
-        self._wake: dict[int, simpy.Event | None] = {r.id: None for r in replicas}
+        self._wake: dict = {r.id: None for r in replicas}
         self.num_events = 0
         self.live: dict[int, Sequence] = {}
         self._single = len(replicas) == 1
-        self._procs: dict[int, simpy.Process] = {}
+        self._procs: dict = {}
         #: replicas by id: a transfer started by one replica's agent may land on another (kvsim.engine.disagg)
         self._by_id = {r.id: r for r in replicas}
         # lockstep groups (replica.lockstep_group not None); the router's units: groups and standalone replicas
@@ -140,29 +115,30 @@ class Simulation:
         if not self.groups:
             self._units = replicas
 
-    def _at(self, t: float, priority: int = URGENT) -> simpy.Event:
-        return _At(self.env, t, priority)
-
     def _arrivals(self, source):
         it = iter(source)
         nxt = next(it, None)
         index = 0
         last_t = 0.0
-        rec = self.rec
+        at = self.env.at
+        on_arrival, on_reject = self._on_arrival, self._on_reject
         while nxt is not None:
             item, nxt = nxt, next(it, None)
             if isinstance(item, InvalidRecord):
-                rec.arrival(item.arrival_time_s)
-                rec.reject(f"line-{item.line}", item.arrival_time_s, None, None, f"invalid_{item.code}")
+                for f in on_arrival:
+                    f(item.arrival_time_s)
+                for f in on_reject:
+                    f(f"line-{item.line}", item.arrival_time_s, None, None, f"invalid_{item.code}")
                 continue
             t = max(item.arrival_time_s, last_t)
             last_t = t
             if t > self.env.now:
                 self.next_arrival_s = t
                 self.num_events += 1
-                yield self._at(t)
+                yield at(t, URGENT)
             self.next_arrival_s = self._peek_time(nxt, t)
-            rec.arrival(item.arrival_time_s)
+            for f in on_arrival:
+                f(item.arrival_time_s)
             seq = Sequence(item, index, self.lengths.output_tokens(item.output_tokens, item.prompt_tokens,
                                                                    item.max_tokens))
             index += 1
@@ -171,7 +147,8 @@ class Simulation:
                 r = r.pick(t)
             reason = r.add(seq)
             if reason:
-                rec.reject(item.request_id, item.arrival_time_s, item.prompt_tokens, item.output_tokens, reason, r.id)
+                for f in on_reject:
+                    f(item.request_id, item.arrival_time_s, item.prompt_tokens, item.output_tokens, reason, r.id)
             else:
                 if self.check_invariants:
                     self.live[id(seq)] = seq
@@ -182,11 +159,7 @@ class Simulation:
                     # the stretch was cut at the first step that ends at or after this arrival
                     self.num_events += 1
                     self.env.wait_instead(self._procs[r.id], r.pending.end_s, NORMAL)
-            if self.progress is not None and index % 1024 == 0:
-                self.progress.update(1024)
         self.next_arrival_s = math.inf
-        if self.progress is not None:
-            self.progress.update(index % 1024)
 
     def _peek_time(self, nxt, floor: float) -> float:
         # the next item that will be an arrival (invalid records are rejected without waiting)
@@ -205,13 +178,13 @@ class Simulation:
             if r.agents:
                 self._wakeups(r)
             if p is None:
-                ev = self._wake[r.id] = env.event()
+                ev = self._wake[r.id] = Event(env)
                 yield ev
                 self._wake[r.id] = None
                 continue
             self.num_events += 1
             # a request routed here mid-stretch may cut it short and move this wait (_arrivals)
-            yield self._at(p.end_s, NORMAL)
+            yield env.at(p.end_s, NORMAL)
             finished = r.commit()
             if r.agents:
                 self._wakeups(r)
@@ -236,7 +209,7 @@ class Simulation:
             self._nudge(r, t)
             return
         # later, or r's own process about to wait: an event at t (now at the earliest) does it
-        ev = self._at(t)
+        ev = self.env.at(t)
         ev.callbacks.append(lambda _e: self._nudge(r, t))
 
     def _nudge(self, r: Replica, t: float) -> None:
@@ -251,9 +224,7 @@ class Simulation:
     def _check(self, r: Replica, finished) -> None:
         for s in finished:
             self.live.pop(id(s), None)
-        live = [s for s in self.live.values() if s.replica == r.id]
-        r.kv.pool.check(live)
-        assert r.kv.pool.num_used <= r.kv.pool.num_blocks
+        r.kv.check([s for s in self.live.values() if s.replica == r.id])
 
     def _group(self, g: LockstepGroup):
         env = self.env
@@ -264,7 +235,7 @@ class Simulation:
             pend = [(r, r.begin(now)) for r in ranks]
             active = [(r, p) for r, p in pend if p is not None]
             if not active:
-                ev = self._wake[key] = env.event()
+                ev = self._wake[key] = Event(env)
                 yield ev
                 self._wake[key] = None
                 continue
@@ -284,7 +255,7 @@ class Simulation:
                     end = e
             for _, p in active:
                 p.end_s = end
-            yield self._at(end, NORMAL)
+            yield env.at(end, NORMAL)
             for r, _ in active:
                 finished = r.commit()
                 if self.check_invariants:
@@ -306,7 +277,11 @@ class Simulation:
         while any(r.busy or r.pending for r in self.replicas):
             try:
                 env.step()
-            except simpy.core.EmptySchedule:
+            except EmptySchedule:
                 stuck = {r.id: (len(r.scheduler.running), len(r.scheduler.waiting)) for r in self.replicas if r.busy}
                 raise RuntimeError(f"simulation stalled with work left (replica: (running, waiting)) {stuck}") from None
+        for o in self.observers:
+            on_end = getattr(o, "on_end", None)
+            if on_end is not None:
+                on_end(env.now)
         return env.now

@@ -11,6 +11,7 @@ import importlib
 import pkgutil
 import typing
 
+from kvsim.coerce import coerce
 from kvsim.errors import ConfigError, UnknownNameError
 from kvsim.methods.base import LengthRatio, Method
 
@@ -22,7 +23,7 @@ def _discover() -> dict[str, type[Method]]:
         # fill a local dict first: a module that fails to import must not leave a partial registry behind
         found: dict[str, type[Method]] = {}
         for info in pkgutil.iter_modules(__path__):
-            if info.name in ("base", "listing"):
+            if info.name in ("base", "impl"):
                 continue
             mod = importlib.import_module(f"{__name__}.{info.name}")
             for obj in vars(mod).values():
@@ -40,30 +41,12 @@ def all_methods() -> dict[str, type[Method]]:
 
 
 def _coerce(cls: type[Method], knob: str, raw, spec: str):
-    hints = typing.get_type_hints(cls)
-    typ = hints.get(knob)
-    if isinstance(raw, str) and typ is not str:
-        try:
-            if typ is bool:
-                if raw.lower() not in ("true", "false", "1", "0"):
-                    raise ValueError(raw)
-                return raw.lower() in ("true", "1")
-            if typ is int:
-                return int(raw)
-            if typ is float:
-                return float(raw)
-        except ValueError:
-            raise ConfigError(f"method spec {spec!r}: knob {knob}={raw!r} is not a valid {typ.__name__}") from None
-    # values that arrive typed (YAML, dict specs, the Python API): accept an integral float for an int knob
-    # and an int for a float knob, refuse the rest so spec_string() round-trips
-    if typ is int and not isinstance(raw, bool):
-        if isinstance(raw, float) and raw.is_integer():
-            return int(raw)
-        if not isinstance(raw, int):
-            raise ConfigError(f"method spec {spec!r}: knob {knob}={raw!r} is not a valid int")
-    if typ is float and not isinstance(raw, bool) and isinstance(raw, int):
-        return float(raw)
-    return raw
+    """A knob's value in its declared type (kvsim.coerce, the rule engine options follow too)."""
+    typ = typing.get_type_hints(cls).get(knob)
+    try:
+        return coerce(raw, typ)
+    except ValueError:
+        raise ConfigError(f"method spec {spec!r}: knob {knob}={raw!r} is not a valid {typ.__name__}") from None
 
 
 def make_method(name: str, **knobs) -> Method:
@@ -106,8 +89,9 @@ def parse_method(spec: "str | dict | Method") -> Method:
     return make_method(name.strip(), **knobs)
 
 
-def parse_method_list(text: str) -> list[Method]:
-    """Comma-separated specs where a new spec starts at a token without '=' (``none,h2o:budget=512,window=32,fp8``)."""
+def split_method_list(text: str) -> list[str]:
+    """Comma-separated specs where a new spec starts at a token without '=' (``none,h2o:budget=512,window=32,fp8``
+    -> ``["none", "h2o:budget=512,window=32", "fp8"]``)."""
     specs: list[str] = []
     for tok in (t.strip() for t in text.split(",")):
         if not tok:
@@ -118,7 +102,12 @@ def parse_method_list(text: str) -> list[Method]:
             specs.append(tok)
     if not specs:
         raise ConfigError(f"method list {text!r} names no method; e.g. none,fp8,kivi:bits=2")
-    return [parse_method(s) for s in specs]
+    return specs
 
 
-__all__ = ["Method", "LengthRatio", "all_methods", "make_method", "parse_method", "parse_method_list"]
+def parse_method_list(text: str) -> list[Method]:
+    """Comma-separated specs (:func:`split_method_list`), each parsed."""
+    return [parse_method(s) for s in split_method_list(text)]
+
+
+__all__ = ["Method", "LengthRatio", "all_methods", "make_method", "parse_method", "parse_method_list", "split_method_list"]

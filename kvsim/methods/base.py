@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from statistics import NormalDist
 from typing import ClassVar
 
-from kvsim.cost.work import ZERO, Work
+from kvsim.work import ZERO, Work
 from kvsim.errors import ConfigError
 from kvsim.methods.impl import Implementation
 from kvsim.specs.model import ModelSpec

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from kvsim.cost.work import Work
+from kvsim.work import Work
 from kvsim.methods.base import LengthRatio, Method, dequant_alu_work, kv_elems_per_token_layer
 from kvsim.methods.impl import Implementation
 

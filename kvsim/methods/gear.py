@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvsim.cost.work import Work
+from kvsim.work import Work
 from kvsim.methods.base import (
     QUANT_FLOPS_PER_ELEM,
     Method,

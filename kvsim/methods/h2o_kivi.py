@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvsim.cost.work import ZERO
+from kvsim.work import ZERO
 from kvsim.methods.base import (
     LMDEPLOY_BLOCK,
     LengthRatio,

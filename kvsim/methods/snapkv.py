@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from kvsim.cost.work import ZERO, Work
+from kvsim.work import ZERO, Work
 from kvsim.methods.base import (
     SCORE_BYTES,
     LengthRatio,

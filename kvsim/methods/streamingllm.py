@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvsim.cost.work import ZERO, Work
+from kvsim.work import ZERO, Work
 from kvsim.methods.base import (
     LMDEPLOY_BLOCK,
     Method,

@@ -1,17 +1,19 @@
 """Everything a replay measures, streamed: per-request rows go to ``requests.csv`` as they finish,
-latencies into bounded-memory percentile accumulators, engine state into ``timeline.csv``."""
+latencies into bounded-memory percentile accumulators, engine state into ``timeline.csv``. The
+:class:`Recorder` is an observer of the run (kvsim.engine.events): it learns everything from the
+arrivals, rejections and step events the engine emits."""
 
 from __future__ import annotations
 
 import csv
 import io
-import math
 from collections import Counter
-from dataclasses import dataclass
+from itertools import pairwise
 
+from kvsim.engine.events import Observer, Step
 from kvsim.engine.sequence import Sequence
-from kvsim.errors import ConfigError
 from kvsim.metrics.quantiles import Quantiles
+from kvsim.metrics.slo import SLO
 
 REQUEST_COLUMNS = [
     "request_id", "replica", "status", "reject_reason", "arrival_time_s", "prompt_tokens",
@@ -19,27 +21,6 @@ REQUEST_COLUMNS = [
     "ttft_ms", "tpot_ms", "e2el_ms", "num_preemptions", "prefix_hit_tokens",
 ]
 TIMELINE_COLUMNS = ["time_s", "replica", "batch_size", "num_waiting", "kv_blocks_used", "kv_blocks_total"]
-
-
-@dataclass
-class SLO:
-    ttft_ms: float | None = None
-    tpot_ms: float | None = None
-    e2el_ms: float | None = None
-
-    def __post_init__(self):
-        for k in ("ttft_ms", "tpot_ms", "e2el_ms"):
-            v = getattr(self, k)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0)):
-                raise ConfigError(f"SLO {k}={v!r}: a limit must be a finite number of milliseconds > 0")
-
-    def met(self, ttft_ms: float, tpot_ms: float, e2el_ms: float) -> bool:
-        return ((self.ttft_ms is None or ttft_ms <= self.ttft_ms)
-                and (self.tpot_ms is None or tpot_ms <= self.tpot_ms)
-                and (self.e2el_ms is None or e2el_ms <= self.e2el_ms))
-
-    def as_dict(self) -> dict:
-        return {k: v for k, v in (("ttft_ms", self.ttft_ms), ("tpot_ms", self.tpot_ms), ("e2el_ms", self.e2el_ms)) if v is not None}
 
 
 def _fmt(x) -> str:
@@ -50,7 +31,7 @@ def _fmt(x) -> str:
     return str(x)
 
 
-class Recorder:
+class Recorder(Observer):
     def __init__(self, requests_out: io.TextIOBase | None = None, timeline_out: io.TextIOBase | None = None,
                  slo: SLO | None = None, timeline_interval_s: float = 1.0, keep_rows: bool = False,
                  extra_columns: tuple = (), extra_values=None):
@@ -94,20 +75,56 @@ class Recorder:
         self.rows: list | None = [] if keep_rows else None
 
     # -- arrivals and rejections -------------------------------------------------------------------
-    def arrival(self, arrival_time_s: float | None) -> None:
+    def on_arrival(self, arrival_time_s: float | None) -> None:
         self.num_arrivals += 1
         if arrival_time_s is not None:
             if self.first_arrival_s is None:
                 self.first_arrival_s = arrival_time_s
             self.last_arrival_s = arrival_time_s
 
-    def reject(self, request_id: str, arrival_time_s, prompt_tokens, output_tokens, reason: str, replica: int = -1) -> None:
+    def on_reject(self, request_id: str, arrival_time_s, prompt_tokens, output_tokens, reason: str, replica: int = -1) -> None:
         self.rejected[reason] += 1
         row = [request_id, replica, "rejected", reason, arrival_time_s, prompt_tokens, output_tokens,
                None, None, None, None, None, None, None, 0, 0]
         self._row(row + self._extra_none if self._extra_values else row)
 
     # -- engine events ----------------------------------------------------------------------------------
+    def on_step(self, ev: Step) -> None:
+        """A committed step or fast-forward stretch: its inter-token gaps, its batch, the KV blocks in use
+        at its end, the requests it finished, and a timeline row every ``timeline_interval_s`` (and when
+        the replica goes idle)."""
+        batch = len(ev.plan.scheduled)
+        itl = self.itl
+        itl.add_many(ev.itl)
+        k = ev.ff_steps
+        if k > 1:
+            # what stepping records: differences of consecutive end times; a batch of B gets B samples each
+            itl.add_many([b - a for a, b in pairwise(ev.ff_ends)], batch)
+        else:
+            k = 1
+        # step() and kv_used(), inlined: this runs once per committed step
+        self.num_steps += k
+        self.batch_size_sum += batch * k
+        if batch > self.peak_batch_size:
+            self.peak_batch_size = batch
+        used = ev.kv_blocks_used
+        if used > self.peak_kv_blocks:
+            self.peak_kv_blocks = used
+        t = ev.end_s
+        finished = ev.finished
+        if finished:
+            for s in finished:
+                self.finish(s, t)
+        r = ev.replica
+        last = self._tl_last.get(r.id)
+        if last is None or t - last >= self.timeline_interval_s or (
+                (finished or ev.handed_on) and not r.scheduler.running and not r.scheduler.waiting):
+            self._tl_last[r.id] = t
+            if self._tl_writer:
+                sched, kv = r.scheduler, r.kv
+                self._tl_writer.writerow([_fmt(t), r.id, len(sched.running), len(sched.waiting), kv.num_used_blocks,
+                                          kv.num_blocks])
+
     def step(self, num_steps: int, batch_size: int) -> None:
         self.num_steps += num_steps
         self.batch_size_sum += batch_size * num_steps
@@ -117,14 +134,6 @@ class Recorder:
     def kv_used(self, blocks: int) -> None:
         if blocks > self.peak_kv_blocks:
             self.peak_kv_blocks = blocks
-
-    def timeline(self, t: float, replica: int, batch_size: int, waiting: int, used: int, total: int, force: bool = False) -> None:
-        last = self._tl_last.get(replica)
-        if last is not None and not force and t - last < self.timeline_interval_s:
-            return
-        self._tl_last[replica] = t
-        if self._tl_writer:
-            self._tl_writer.writerow([_fmt(t), replica, batch_size, waiting, used, total])
 
     def finish(self, seq: Sequence, t: float) -> None:
         ttft_s = seq.first_token_s - seq.arrival_s

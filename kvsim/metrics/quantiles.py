@@ -5,6 +5,10 @@ Exact (numpy's default linear interpolation, as vLLM's benchmark reports them) w
 wide (1e-4 = 0.01 %), so memory stays bounded however long the trace is. Weights are integer
 multiplicities (a decode step gives every sequence in the batch the same inter-token latency).
 Values are buffered and folded in with numpy, since ``add`` sits on the simulator's hot path.
+
+A percentile means the same thing everywhere in kvsim and kvprof: numpy's linear interpolation between order
+statistics (``np.percentile``, as vLLM's benchmark reports them); this accumulator gives exactly that while
+it is exact, and the histogram's bin centre within ``rel_width`` after.
 """
 
 from __future__ import annotations

@@ -19,11 +19,11 @@ def build_summary(spec, rec, replicas, lengths, sim, wall_s: float) -> dict:
     rejected = sum(rec.rejected.values())
     held_s = sum(r.kv_held_byte_s for r in replicas)
     full_s = sum(r.kv_full_byte_s for r in replicas)
-    span = max((r._kv_last_s for r in replicas), default=0.0) - first
+    span = max((r.kv_last_s for r in replicas), default=0.0) - first
     # peaks per replica (one GPU group's memory), the largest over replicas, as peak_kv_blocks_used
     peak_held = max((r.peak_kv_held_bytes for r in replicas), default=0.0)
     peak_full = max((r.peak_kv_full_bytes for r in replicas), default=0.0)
-    pool = replicas[0].kv.pool
+    kv = replicas[0].kv
     cost = replicas[0].cost
     summary = {
         "kvsim_version": __import__("kvsim").__version__,
@@ -56,8 +56,8 @@ def build_summary(spec, rec, replicas, lengths, sim, wall_s: float) -> dict:
         "goodput_fraction": rec.good / rec.completed if rec.completed else 0.0,
         "num_replicas": len(replicas),
         "gpus": len(replicas) * cfg.tensor_parallel_size,
-        "kv_blocks_per_replica": pool.num_blocks,
-        "kv_tokens_per_replica": pool.num_blocks * cfg.block_size,
+        "kv_blocks_per_replica": kv.num_blocks,
+        "kv_tokens_per_replica": kv.num_blocks * cfg.block_size,
         "kv_bytes_per_token": bpt,
         "kv_bytes_per_token_full": full_bpt,
         # one definition everywhere: KV bytes the running requests hold (kept tokens x bytes per token +

@@ -74,8 +74,9 @@ class PDPlanner(Planner):
         self._pd_cache: dict = {}
 
     def evaluate_pd(self, method, tp_p: int, n_p: int, tp_d: int, n_d: int, rate_scale: float | None = None) -> PDEvaluation:
-        from kvsim import api
+        from kvsim.build import make_spec
         from kvsim.methods import parse_method
+        from kvsim.replay import replay
 
         meth = parse_method(method).spec_string()
         rs = float(rate_scale if rate_scale is not None else self.rate_scale)
@@ -88,9 +89,9 @@ class PDPlanner(Planner):
                   prefill_tensor_parallel_size=tp_p, decode_tensor_parallel_size=tp_d)
         cfg = dataclasses.replace(self.config, num_replicas=1)
         try:
-            spec = api.make_spec(self.model, self.hardware, meth, cfg, self.profile, goodput_slo(self.terms),
-                                 auto_profile=self.auto_profile, transfer=tr)
-            res = api.replay(self._stream(rs), spec=spec, fmt=self.fmt, skip_invalid=self.skip_invalid,
+            spec = make_spec(self.model, self.hardware, meth, cfg, self.profile, goodput_slo(self.terms),
+                             auto_profile=self.auto_profile, transfer=tr)
+            res = replay(self._stream(rs), spec=spec, fmt=self.fmt, skip_invalid=self.skip_invalid,
                              keep_rows=False, plot=False, progress=False, rate_scale=rs, limit=self.limit)
         except KvsimError as e:
             ev.error, ev.reason = str(e), "error"

@@ -1,9 +1,8 @@
 """Capacity planning: the fewest GPUs (replicas x tensor-parallel degree) that serve a trace within an SLO.
 
-An SLO is a list of terms ``metric:stat=limit`` (``ttft_ms:p99=2000,tpot_ms:p99=100``): metrics
-``ttft_ms``, ``tpot_ms``, ``itl_ms``, ``e2el_ms``; stats ``mean``, ``p50`` (= median), ``p90``, ``p99``,
-``max``. A configuration is *feasible* when one replay of the trace meets every term and rejects no
-request (a rejected request, e.g. a prompt longer than the context, is an SLO violation).
+An SLO is a list of terms ``metric:stat=limit`` (``ttft_ms:p99=2000,tpot_ms:p99=100``; the grammar:
+:mod:`kvsim.metrics.slo`). A configuration is *feasible* when one replay of the trace meets every term
+and rejects no request (a rejected request, e.g. a prompt longer than the context, is an SLO violation).
 
 Search, per method and tensor-parallel degree: exponential search on the replica count (1, 2, 4, ...)
 up to the first feasible count, then bisection between the last infeasible and the first feasible one;
@@ -24,7 +23,6 @@ as long as the traffic lasts.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import json
@@ -37,102 +35,7 @@ from pathlib import Path
 
 from kvsim.config import EngineConfig
 from kvsim.errors import ConfigError, KvsimError
-from kvsim.metrics.collector import SLO
-
-METRICS = ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms")
-#: SLO stat name -> key in a summary's latency dict
-STATS = {"mean": "mean", "p50": "median", "median": "median", "p90": "p90", "p99": "p99", "max": "max"}
-
-
-# -- SLO terms -----------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class SLOTerm:
-    metric: str
-    stat: str
-    limit: float
-
-    @property
-    def key(self) -> str:
-        """Column name of this term's value, e.g. ``ttft_ms_p99``."""
-        return f"{self.metric}_{'p50' if self.stat == 'median' else self.stat}"
-
-    def value(self, summary: dict) -> float | None:
-        d = summary.get(self.metric) or {}
-        return d.get(STATS[self.stat])
-
-    def __str__(self) -> str:
-        return f"{self.metric}:{self.stat}={self.limit:g}"
-
-
-def parse_slo_terms(slo) -> tuple[SLOTerm, ...]:
-    """``"ttft_ms:p99=2000,tpot_ms:p99=100"``, a mapping ``{"ttft_ms:p99": 2000}``, or a list of
-    SLOTerm / strings. A term without a stat (``ttft_ms=2000``) means p99."""
-    if slo is None or slo == "":
-        return ()
-    if isinstance(slo, SLOTerm):
-        return (slo,)
-    if isinstance(slo, dict):
-        parts = [f"{k}={v}" for k, v in slo.items()]
-    elif isinstance(slo, str):
-        parts = [p for p in (x.strip() for x in slo.split(",")) if p]
-    else:
-        terms: list[SLOTerm] = []
-        for x in slo:
-            terms.extend(parse_slo_terms(x))
-        return tuple(terms)
-    terms = []
-    for part in parts:
-        lhs, eq, rhs = part.partition("=")
-        metric, _, stat = lhs.strip().partition(":")
-        metric, stat = metric.strip(), (stat.strip() or "p99")
-        if not eq or metric not in METRICS:
-            raise ConfigError(f"SLO {slo!r}: {part!r} is not metric:stat=value with metric one of {', '.join(METRICS)}")
-        if stat not in STATS:
-            raise ConfigError(f"SLO {slo!r}: {part!r}: stat {stat!r} is not one of {', '.join(STATS)}")
-        try:
-            limit = float(rhs)
-        except ValueError:
-            raise ConfigError(f"SLO {slo!r}: {part!r}: limit {rhs.strip()!r} is not a number") from None
-        if not (math.isfinite(limit) and limit > 0):
-            raise ConfigError(f"SLO {slo!r}: {part!r}: limit must be a finite number > 0")
-        terms.append(SLOTerm(metric, stat, limit))
-    return tuple(terms)
-
-
-def goodput_slo(terms) -> SLO:
-    """Per-request thresholds for the summary's ``goodput`` (the tightest limit per metric)."""
-    vals: dict[str, float] = {}
-    for t in terms:
-        if t.metric in ("ttft_ms", "tpot_ms", "e2el_ms"):
-            vals[t.metric] = min(vals.get(t.metric, math.inf), t.limit)
-    return SLO(**vals)
-
-
-def check_slo(summary: dict, terms) -> dict:
-    """Does this replay meet the SLO? ``{"feasible", "margin_pct", "worst_term", "values", "reason"}``.
-
-    ``margin_pct`` = min over terms of (limit - value) / limit x 100: positive is headroom below the
-    tightest term, negative is how far over it the run is. Rejected requests make the run infeasible.
-    A term whose metric has no samples (e.g. TPOT when every output is one token) is met.
-    """
-    values, margin, worst = {}, math.inf, None
-    for t in terms:
-        v = t.value(summary)
-        values[t.key] = v
-        m = 100.0 * (t.limit - v) / t.limit if v is not None else 100.0
-        if m < margin:
-            margin, worst = m, str(t)
-    rejected = summary.get("rejected", 0) or 0
-    completed = summary.get("completed", 0) or 0
-    reasons = []
-    if rejected:
-        reasons.append(f"{rejected} rejected")
-    if completed == 0:
-        reasons.append("no request completed")
-    if terms and margin < 0:
-        reasons.append(f"{worst} missed by {-margin:.1f}%")
-    return {"feasible": not reasons, "margin_pct": None if margin == math.inf else margin, "worst_term": worst,
-            "values": values, "reason": "; ".join(reasons)}
+from kvsim.metrics.slo import check_slo, goodput_slo, parse_slo_terms
 
 
 # -- one evaluated point --------------------------------------------------------------------------------
@@ -184,11 +87,11 @@ class TraceInfo:
 
 
 def trace_info(trace, fmt=None, skip_invalid=False, limit=None) -> TraceInfo:
-    from kvsim import api
+    from kvsim.replay import open_trace
     from kvsim.workload.request import Request
 
     n, first, last = 0, None, None
-    for r in api.open_trace(trace, fmt, skip_invalid, None, 1.0, limit):
+    for r in open_trace(trace, fmt, skip_invalid, None, 1.0, limit):
         if not isinstance(r, Request):
             continue
         n += 1
@@ -283,7 +186,8 @@ class Planner:
 
     def evaluate(self, method, tensor_parallel_size: int = 1, num_replicas: int = 1,
                  rate_scale: float | None = None) -> Evaluation:
-        from kvsim import api
+        from kvsim.build import make_spec
+        from kvsim.replay import replay
         from kvsim.methods import parse_method
 
         meth = parse_method(method).spec_string()
@@ -295,9 +199,9 @@ class Planner:
         cfg = dataclasses.replace(self.config, tensor_parallel_size=int(tensor_parallel_size), num_replicas=int(num_replicas))
         ev = Evaluation(meth, int(tensor_parallel_size), int(num_replicas), rs, False)
         try:
-            spec = api.make_spec(self.model, self.hardware, meth, cfg, self.profile, goodput_slo(self.terms),
-                                 auto_profile=self.auto_profile, transfer=self.co_transfer)
-            res = api.replay(self._stream(rs), spec=spec, fmt=self.fmt, skip_invalid=self.skip_invalid,
+            spec = make_spec(self.model, self.hardware, meth, cfg, self.profile, goodput_slo(self.terms),
+                             auto_profile=self.auto_profile, transfer=self.co_transfer)
+            res = replay(self._stream(rs), spec=spec, fmt=self.fmt, skip_invalid=self.skip_invalid,
                              keep_rows=False, plot=False, progress=False, rate_scale=rs, limit=self.limit)
         except KvsimError as e:
             ev.error = str(e)
@@ -467,7 +371,7 @@ def _map(fn, tasks, jobs: int, bar=None):
         return [fn(t) for t in tasks]  # the planner's own bar counts the replays
     from concurrent.futures import ProcessPoolExecutor
 
-    from kvsim.plan.sweep import mp_context, tie_to_parent
+    from kvsim.plan.executors import mp_context, tie_to_parent
 
     out = []
     ctx = mp_context()
@@ -619,135 +523,3 @@ def write_plan(result: PlanResult, out_dir, meta: dict | None = None) -> Path:
            "evaluations": [e.as_row() for e in result.evaluations]}
     (out / "plan.json").write_text(json.dumps(doc, indent=1, default=str) + "\n")
     return out
-
-
-# -- command line ----------------------------------------------------------------------------------------------
-def add_plan_parser(sub) -> None:
-    from kvsim import cli
-
-    p = sub.add_parser("plan", help="fewest GPUs per method that meet an SLO at the trace's rate (bisection search)",
-                       description=__doc__.split("\n\n")[0])
-    cli.add_trace_arg(p, optional=True)
-    # the trace was an option before every command took it as the first argument; old scripts still work
-    p.add_argument("--trace", dest="trace_option", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--slo", required=True, help="metric:stat=limit list, e.g. ttft_ms:p99=2000,tpot_ms:p99=100 "
-                   "(metrics ttft_ms tpot_ms itl_ms e2el_ms; stats mean p50 p90 p99 max)")
-    p.add_argument("--methods", default=None, help="comma-separated method specs, e.g. none,fp8,kivi:bits=2,h2o:budget=512 "
-                   "(default: the --config file's method, else none)")
-    p.add_argument("--model", default=None, help="shipped short name, Hugging Face id or config.json path (default: llama-3.1-8b)")
-    p.add_argument("--hardware", default=None, help="GPU name, `kvsim hardware` (default: h100)")
-    p.add_argument("--tp", default=None, help="tensor-parallel degrees to consider, e.g. 1,2,4 "
-                   "(default: --tensor-parallel-size, else 1)")
-    p.add_argument("--rate-scale", type=float, default=1.0, help="plan for the trace's rate times this")
-    p.add_argument("--limit", type=int, default=None, help="use only the first N requests")
-    p.add_argument("--max-replicas", type=int, default=64, help="search cap on replicas per TP degree")
-    p.add_argument("--check-above", action="store_true", help="also replay found+1 replicas and flag non-monotone results")
-    p.add_argument("--max-rate", action="store_true", help="also find the highest rate each planned configuration sustains")
-    p.add_argument("--max-rate-config", default=None, metavar="REPLICASxTP",
-                   help="with --max-rate: search the rate of this fixed configuration instead (e.g. 2x1)")
-    p.add_argument("--rate-tol", type=float, default=0.02, help="relative tolerance of the rate search")
-    p.add_argument("--jobs", type=int, default=1, help="worker processes (one search per method x TP)")
-    p.add_argument("--profile", default=None, help="profile JSON (default: a committed one matching model x hardware x TP)")
-    p.add_argument("--no-profile", action="store_true", help="use the roofline even when a profile exists")
-    p.add_argument("--format", dest="fmt", default=None, help="trace format: kvsim | azure | mooncake (default: detected)")
-    p.add_argument("--skip-invalid", action="store_true", help="reject malformed trace lines instead of stopping")
-    p.add_argument("--out", default="out/plan", help="writes plan.csv, plan.md, plan_candidates.csv, plan.json")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    d = p.add_argument_group("across the prefill/decode split (kvsim.plan.disagg, docs/disaggregation.md)")
-    d.add_argument("--disagg", action="store_true", help="also search disaggregated clusters: prefill and decode "
-                   "instance counts (and --prefill-tp / --decode-tp) for the fewest GPUs, beside co-located serving")
-    d.add_argument("--prefill-tp", default=None, help="with --disagg: prefill TP degrees to try, e.g. 1,2 (default: --tp)")
-    d.add_argument("--decode-tp", default=None, help="with --disagg: decode TP degrees to try (default: --tp)")
-    cli.add_engine_args(p)
-    from kvsim.transfer import add_transfer_args
-
-    add_transfer_args(p)
-    p.set_defaults(func=_cmd_plan)
-
-
-def _cmd_plan(args) -> int:
-    from kvsim import cli
-
-    if args.trace_option is not None:
-        if args.trace is not None and args.trace != args.trace_option:
-            raise ConfigError(f"plan: two traces given ({args.trace!r} and --trace {args.trace_option!r})")
-        args.trace = args.trace_option
-    if args.trace is None:
-        raise ConfigError("plan: give the trace as the first argument: kvsim plan TRACE --slo ...")
-    cfg = cli.engine_config(args)
-    if args.tp:
-        try:
-            tps = [int(x) for x in args.tp.split(",") if x.strip()]
-        except ValueError:
-            raise ConfigError(f"--tp {args.tp!r}: expected comma-separated integers") from None
-    else:
-        tps = [cfg.tensor_parallel_size]
-    mrc = None
-    if args.max_rate_config:
-        a, _, b = args.max_rate_config.lower().partition("x")
-        try:
-            mrc = (int(a), int(b or 1))
-        except ValueError:
-            raise ConfigError(f"--max-rate-config {args.max_rate_config!r}: expected REPLICASxTP, e.g. 2x1") from None
-    from kvsim.transfer import transfer_config
-
-    tr = transfer_config(args)
-    t0 = time.perf_counter()
-    if args.disagg:
-        return _cmd_plan_disagg(args, cfg, tps, tr, t0)
-    if args.prefill_tp or args.decode_tp:
-        raise ConfigError("plan: --prefill-tp / --decode-tp go with --disagg")
-    if tr is not None and tr.disaggregated:
-        raise ConfigError("plan: the instance counts are what --disagg searches; drop --num-prefill-instances / "
-                          "--num-decode-instances and add --disagg")
-    res = plan_capacity(args.trace, args.slo, _method_specs(args.methods or "none"), cli.model_arg(args), args.hardware, tps,
-                        cfg, args.rate_scale, args.limit, args.max_replicas, args.max_rate or mrc is not None, mrc,
-                        args.rate_tol, args.check_above, args.profile, not args.no_profile, args.fmt,
-                        args.skip_invalid, args.jobs, args.out, progress=not args.quiet, transfer=tr)
-    info = res.trace
-    rate = info.request_rate
-    print(f"kvsim plan: {args.model} on {args.hardware}, trace {args.trace}: {info.count} requests over "
-          f"{info.duration_s / args.rate_scale:.1f} s"
-          + (f" ({rate * args.rate_scale:.3f} req/s)" if rate else "")
-          + f", SLO {', '.join(map(str, res.terms))}; rejected requests count as violations")
-    print(res.format())
-    print(f"{len(res.evaluations)} replays in {time.perf_counter() - t0:.1f} s; wrote {args.out}/plan.csv, plan.md, "
-          "plan_candidates.csv, plan.json", file=sys.stderr)
-    return 0
-
-
-def _tp_list(text, flag, default):
-    if not text:
-        return default
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ConfigError(f"{flag} {text!r}: expected comma-separated integers") from None
-
-
-def _cmd_plan_disagg(args, cfg, tps, tr, t0) -> int:
-    """``kvsim plan --disagg``: kvsim.plan.disagg.plan_disagg, printed beside the co-located answer."""
-    from kvsim import cli
-    from kvsim.plan.disagg import plan_disagg
-
-    if args.max_rate or args.max_rate_config or args.check_above or args.jobs > 1:
-        raise ConfigError("plan --disagg: --max-rate, --max-rate-config, --check-above and --jobs apply to the "
-                          "co-located search only; run it without --disagg for those")
-    shared = {}
-    if tr is not None:
-        searched = {k: v for k, v in tr.nondefault().items() if k in (
-            "num_prefill_instances", "num_decode_instances", "prefill_tensor_parallel_size", "decode_tensor_parallel_size")}
-        if searched:
-            raise ConfigError(f"plan --disagg searches the instance counts and TP degrees; drop {searched} "
-                              "(use --prefill-tp / --decode-tp for the degrees to try)")
-        shared = tr.nondefault()
-    res = plan_disagg(args.trace, args.slo, _method_specs(args.methods or "none"), cli.model_arg(args), args.hardware,
-                      _tp_list(args.prefill_tp, "--prefill-tp", tps), _tp_list(args.decode_tp, "--decode-tp", tps), cfg,
-                      shared, args.rate_scale, args.limit, args.max_replicas, True, tps, args.profile,
-                      not args.no_profile, args.fmt, args.skip_invalid, args.out, progress=not args.quiet)
-    print(f"kvsim plan --disagg: {args.model} on {args.hardware}, trace {args.trace} at x{args.rate_scale:g}, SLO "
-          f"{', '.join(map(str, res.terms))}; rejected requests count as violations")
-    print(res.format())
-    print(f"{len(res.evaluations)} disaggregated replays in {time.perf_counter() - t0:.1f} s; wrote {args.out}/"
-          "plan_disagg.csv, plan_disagg.md, plan_disagg_candidates.csv, plan_disagg.json", file=sys.stderr)
-    return 0

@@ -24,13 +24,11 @@ errored are skipped too (``retry_failed`` reruns them); cells whose worker died 
 out of memory) are never skipped. At the end ``DIR/results.csv`` and ``DIR/results.parquet`` (pyarrow,
 the ``sweep`` extra) hold the current grid's cells, one row each, each file replaced whole.
 
-Executors: ``local`` (``jobs`` worker processes, one cell at a time each; ``jobs=1`` runs in this process)
-or ``ray`` (the ``ray`` extra): one task per cell on the Ray cluster ``ray_address`` points to (default:
-the running one, else a local instance). Workers must be able to import kvsim and read the trace path
-(the path is made absolute before dispatch). A local worker that dies costs only the cell it held
-(recorded as lost; a new worker takes over the rest). Workers die with the sweep: on Linux the kernel
-kills them when the parent dies (``PR_SET_PDEATHSIG``), elsewhere they notice within a second; SIGTERM or
-Ctrl-C stops them and the sweep cleanly (exit code 128 + the signal), keeping every finished cell.
+Executors (:mod:`kvsim.plan.executors`): ``local`` (``jobs`` worker processes, one cell at a time each;
+``jobs=1`` runs in this process) or ``ray`` (the ``ray`` extra): one task per cell on the Ray cluster
+``ray_address`` points to (default: the running one, else a local instance). Workers must be able to
+import kvsim and read the trace path (the path is made absolute before dispatch). SIGTERM or Ctrl-C stops
+the workers and the sweep cleanly (exit code 128 + the signal), keeping every finished cell.
 """
 
 from __future__ import annotations
@@ -40,20 +38,18 @@ import itertools
 import json
 import math
 import os
-import signal
 import sys
-import threading
 import time
 import traceback
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-
 from kvsim.config import FIELDS as ENGINE_FIELDS
 from kvsim.config import read_yaml
 from kvsim.errors import ConfigError, KvsimError
 from kvsim.outputs import atomic_write_text, ensure_out_dir, json_lines
+from kvsim.plan.executors import run_local, run_ray, stop_on_signals
 
 #: top-level keys that are settings, not axes
 SETTINGS = ("trace", "slo", "limit", "format", "skip_invalid", "profile")
@@ -101,17 +97,17 @@ def _check_value(key: str, val, where: str) -> None:
     """One value of an axis, checked alone before any cell runs: a typo fails the sweep at once instead of
     becoming a column of failed cells. (Rules that tie several options together are left to the cells.)"""
     if key in ("rate_scale", "limit"):
-        from kvsim.api import check_stream_options
+        from kvsim.replay import check_stream_options
 
         try:
             check_stream_options(val if key == "rate_scale" else 1.0, val if key == "limit" else None)
         except ConfigError as e:
             raise ConfigError(f"{where}: {e}") from None
     elif key in ENGINE_FIELDS:
-        from kvsim.config import _coerce, config_from_mapping
+        from kvsim.config import coerce_option, config_from_mapping
 
         if key == "enable_expert_parallel":  # valid only with other options: type alone
-            _coerce(key, val, where)
+            coerce_option(key, val, where)
         else:
             config_from_mapping({key: val}, source=where)
 
@@ -163,7 +159,7 @@ def load_grid(grid, base_dir=None) -> Grid:
         if key in settings:
             _check_value(key, settings[key], f"{where}: {key!r}")
     if settings.get("slo") is not None:
-        from kvsim.plan.planner import parse_slo_terms
+        from kvsim.metrics.slo import parse_slo_terms
 
         settings["slo"] = ",".join(str(t) for t in parse_slo_terms(settings["slo"]))
     return Grid(settings, axes, base)
@@ -284,9 +280,10 @@ def run_cell(params: dict, base_dir: str | None = None) -> dict:
     t0 = time.perf_counter()
     row = {"cell_id": cell_id(params), **params}
     try:
-        from kvsim import api
+        from kvsim.build import make_spec
+        from kvsim.replay import replay
         from kvsim.config import config_from_mapping
-        from kvsim.plan.planner import check_slo, goodput_slo, parse_slo_terms
+        from kvsim.metrics.slo import check_slo, goodput_slo, parse_slo_terms
 
         base = Path(base_dir or ".")
         engine = {k: v for k, v in params.items() if k in ENGINE_FIELDS}
@@ -296,10 +293,10 @@ def run_cell(params: dict, base_dir: str | None = None) -> dict:
         auto = prof_s == "auto"
         profile = None if prof_s in ("auto", "none", "roofline", "false") else _resolve_path(prof, base)
         terms = parse_slo_terms(params.get("slo"))
-        spec = api.make_spec(_resolve_model(params.get("model", DEFAULTS["model"]), base),
+        spec = make_spec(_resolve_model(params.get("model", DEFAULTS["model"]), base),
                              params.get("hardware", DEFAULTS["hardware"]),
                              params.get("method", "none"), cfg, profile, goodput_slo(terms), auto_profile=auto)
-        res = api.replay(_resolve_path(params["trace"], base), spec=spec, fmt=params.get("format"),
+        res = replay(_resolve_path(params["trace"], base), spec=spec, fmt=params.get("format"),
                          skip_invalid=bool(params.get("skip_invalid", False)), keep_rows=False, plot=False,
                          progress=False, rate_scale=float(params.get("rate_scale", 1.0)), limit=params.get("limit"))
         row.update(flatten_summary(res.summary))
@@ -315,6 +312,12 @@ def run_cell(params: dict, base_dir: str | None = None) -> dict:
             row["traceback"] = traceback.format_exc(limit=6)
     row["elapsed_s"] = time.perf_counter() - t0
     return row
+
+
+def lost_row(params: dict, why: str) -> dict:
+    """The row of a cell whose worker died under it: not a result, so a rerun retries it."""
+    return {"cell_id": cell_id(params), **params, "status": "lost",
+            "error": f"{why} while running this cell; a rerun retries it", "elapsed_s": None}
 
 
 def _run_cell_args(args):
@@ -408,202 +411,6 @@ class SweepResult:
         return pd.DataFrame(self.rows)
 
 
-# -- executors ------------------------------------------------------------------------------------------------
-def mp_context(name: str | None = None):
-    """The multiprocessing context for local workers: ``name`` or $KVSIM_MP_START (fork, spawn, forkserver),
-    else the platform default (fork on Linux up to Python 3.13). With fork, a script that calls
-    ``run_sweep`` needs no ``if __name__ == "__main__"`` guard; spawn and forkserver re-import it."""
-    import multiprocessing as mp
-
-    return mp.get_context(name or os.environ.get("KVSIM_MP_START") or None)
-
-
-class SweepStopped(KeyboardInterrupt):
-    """SIGTERM or SIGINT reached a running sweep: its workers are stopped, finished cells are kept."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
-
-
-def lost_row(params: dict, why: str) -> dict:
-    """The row of a cell whose worker died under it: not a result, so a rerun retries it."""
-    return {"cell_id": cell_id(params), **params, "status": "lost",
-            "error": f"{why} while running this cell; a rerun retries it", "elapsed_s": None}
-
-
-def _exit_text(code) -> str:
-    if code is not None and code < 0:
-        try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exit code {code}"
-
-
-def tie_to_parent(parent_pid: int | None) -> None:
-    """Make this worker die with the sweep, however the sweep ends (even SIGKILL, which runs no cleanup)."""
-    if sys.platform.startswith("linux"):
-        try:
-            import ctypes
-
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            pass
-    ppid = os.getppid()
-    if parent_pid is not None and ppid != parent_pid:
-        os._exit(1)  # the sweep died before the line above took effect
-
-    def watch():  # where PDEATHSIG does not exist; harmless where it does
-        while True:
-            time.sleep(1.0)
-            if os.getppid() != ppid:
-                os._exit(1)
-
-    threading.Thread(target=watch, daemon=True, name="kvsim-parent-watch").start()
-
-
-def _worker_main(conn, base_dir, parent_pid) -> None:
-    """A local worker: run the cells the parent sends over ``conn``, one at a time, until it sends None."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the parent decides
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the parent's handler, inherited through fork
-    tie_to_parent(parent_pid)
-    while True:
-        try:
-            params = conn.recv()
-        except (EOFError, OSError):
-            return
-        if params is None:
-            return
-        conn.send(run_cell(params, base_dir))
-
-
-class _Worker:
-    def __init__(self, ctx, base_dir, parent_pid):
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker_main, args=(child, base_dir, parent_pid), daemon=True,
-                                name="kvsim-sweep-worker")
-        self.proc.start()
-        child.close()
-        self.params = None  # the cell it holds
-
-    def stop(self, timeout_s: float = 5.0) -> None:
-        if self.proc.is_alive():
-            self.proc.terminate()
-            self.proc.join(timeout_s)
-            if self.proc.is_alive():
-                self.proc.kill()
-        self.proc.join()
-        self.conn.close()
-
-
-def _local(todo, base_dir, jobs, on_done, on_start):
-    if jobs <= 1:
-        on_start()
-        for params in todo:
-            on_done(params, run_cell(params, base_dir))
-        return
-    # one pipe per worker and one cell per worker at a time, instead of a shared queue: a worker that
-    # dies (SIGKILL, out of memory) can only take its own cell with it, never a lock every worker needs
-    # (concurrent.futures breaks the whole pool then and fails every pending cell)
-    from collections import deque
-    from multiprocessing.connection import wait
-
-    ctx = mp_context()
-    # fork / spawn: the sweep is the parent; forkserver: the server is, and it dies with the sweep
-    parent_pid = os.getpid() if ctx.get_start_method() in ("fork", "spawn") else None
-    pending = deque(todo)
-    n = min(jobs, len(todo))
-    workers: list[_Worker] = []
-    idle_deaths = 0  # workers that died before taking a cell: a few are kills, many a broken start
-
-    try:
-        while pending or any(w.params is not None for w in workers):
-            for w in [w for w in workers if w.params is None and not w.proc.is_alive()]:
-                w.stop()
-                workers.remove(w)
-                idle_deaths += 1
-            if idle_deaths > 2 * n + 2:
-                while pending:
-                    params = pending.popleft()
-                    on_done(params, lost_row(params, "workers kept dying before taking a cell"))
-            while pending and len(workers) < n:
-                workers.append(_Worker(ctx, base_dir, parent_pid))
-            if on_start is not None:
-                on_start()  # after the first workers exist: the progress bar's thread is not forked into them
-                on_start = None
-            for w in workers:
-                if w.params is None and pending:
-                    params = pending.popleft()
-                    try:
-                        w.conn.send(params)
-                        w.params = params
-                    except OSError:  # died idle: the cell never started
-                        pending.appendleft(params)
-            busy = [w for w in workers if w.params is not None]
-            if not busy:
-                continue
-            wait([w.conn for w in busy] + [w.proc.sentinel for w in busy])
-            for w in busy:
-                row, closed = None, False
-                try:
-                    if w.conn.poll():
-                        row = w.conn.recv()
-                except (EOFError, OSError):
-                    closed = True  # its end of the pipe closed: it is exiting
-                params = w.params
-                if row is not None:
-                    w.params = None
-                    on_done(params, row)
-                elif closed or not w.proc.is_alive():  # died holding its cell, with no result sent
-                    w.proc.join(5.0)
-                    w.params = None
-                    on_done(params, lost_row(params, f"worker {w.proc.pid} died ({_exit_text(w.proc.exitcode)})"))
-                    w.stop()
-                    workers.remove(w)
-        for w in workers:
-            try:
-                w.conn.send(None)
-            except OSError:
-                pass
-        for w in workers:
-            w.proc.join(5.0)
-    finally:
-        for w in workers:
-            w.stop()
-
-
-def _ray(todo, base_dir, jobs, on_done, on_start, address=None):
-    try:
-        import ray
-    except ImportError:
-        raise ConfigError("--executor ray needs Ray: pip install 'kvsim[ray]'") from None
-    started = False
-    if not ray.is_initialized():
-        kw = {"address": address} if address else {}
-        if not address and jobs > 1:
-            kw["num_cpus"] = jobs
-        ray.init(include_dashboard=False, log_to_driver=False, **kw)
-        started = True
-    try:
-        remote = ray.remote(num_cpus=1, max_retries=1)(run_cell)
-        refs = {remote.remote(params, base_dir): params for params in todo}
-        on_start()
-        pending = list(refs)
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
-            for ref in ready:
-                params = refs[ref]
-                try:
-                    row = ray.get(ref)
-                except Exception as e:  # noqa: BLE001 - run_cell never raises: the task or its worker failed
-                    row = lost_row(params, f"ray task failed ({type(e).__name__}: {e})")
-                on_done(params, row)
-    finally:
-        if started:
-            ray.shutdown()
-
-
 def run_sweep(grid, out_dir, executor: str = "local", jobs: int | None = None, progress: bool = True,
               retry_failed: bool = False, ray_address: str | None = None, base_dir=None) -> SweepResult:
     """Run every cell of ``grid`` not already done in ``out_dir/cells.jsonl`` (same parameters, same input
@@ -649,7 +456,7 @@ def run_sweep(grid, out_dir, executor: str = "local", jobs: int | None = None, p
         if torn:  # a line cut short by a kill: end it, so the next row starts on its own line
             with open(cells_path, "a") as f:
                 f.write("\n")
-    with open(cells_path, "a") as f, _stop_on_signals():
+    with open(cells_path, "a") as f, stop_on_signals():
         def on_done(params, row):
             nonlocal failed, lost
             row["inputs_sha"] = shas[row["cell_id"]]
@@ -664,13 +471,16 @@ def run_sweep(grid, out_dir, executor: str = "local", jobs: int | None = None, p
                 if failed:
                     bar.set_postfix(failed=failed)
 
+        def on_lost(params, why):
+            on_done(params, lost_row(params, why))
+
         try:
             if not todo:
                 on_start()
             elif executor == "local":
-                _local(todo, str(g.base_dir), jobs, on_done, on_start)
+                run_local(todo, str(g.base_dir), jobs, on_done, on_start, run_cell, on_lost)
             else:
-                _ray(todo, str(g.base_dir), jobs, on_done, on_start, ray_address)
+                run_ray(todo, str(g.base_dir), jobs, on_done, on_start, run_cell, on_lost, ray_address)
         finally:
             if bar is not None:
                 bar.close()
@@ -678,61 +488,3 @@ def run_sweep(grid, out_dir, executor: str = "local", jobs: int | None = None, p
     param_cols = list(dict.fromkeys(k for c in cells for k in c))
     paths = write_results(rows, out, param_cols)
     return SweepResult(rows, out, paths, len(todo), skipped, failed, lost)
-
-
-class _stop_on_signals:
-    """Within the block, SIGTERM and SIGINT raise SweepStopped (main thread only: elsewhere Python cannot
-    install handlers, and the signals keep their usual effect)."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __enter__(self):
-        self.old = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                self.old[sig] = signal.signal(sig, self._raise)
-        return self
-
-    @staticmethod
-    def _raise(signum, frame):
-        raise SweepStopped(signum)
-
-    def __exit__(self, *exc):
-        for sig, h in self.old.items():
-            signal.signal(sig, h)
-
-
-# -- command line -------------------------------------------------------------------------------------------
-def add_sweep_parser(sub) -> None:
-    p = sub.add_parser("sweep", help="run a grid of replays (methods x knobs x rates x replicas x hardware x model) in parallel",
-                       description=__doc__.split("\n\n")[0])
-    p.add_argument("grid", help="grid.yaml (see examples/grid.yaml)")
-    p.add_argument("--out", required=True, help="results directory: cells.jsonl, results.csv, results.parquet")
-    p.add_argument("--executor", choices=["local", "ray"], default="local",
-                   help="local: worker processes on this machine; ray: a Ray cluster")
-    p.add_argument("--jobs", type=int, default=None, help="local worker processes (default: CPU count); 1 runs in-process")
-    p.add_argument("--ray-address", default=None, help="Ray cluster address (default: running cluster, else a local one)")
-    p.add_argument("--retry-failed", action="store_true", help="rerun cells that errored before")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=_cmd_sweep)
-
-
-def _cmd_sweep(args) -> int:
-    try:
-        res = run_sweep(args.grid, args.out, args.executor, args.jobs, not args.quiet, args.retry_failed,
-                        args.ray_address)
-    except SweepStopped as e:
-        name = signal.Signals(e.signum).name
-        print(f"sweep: stopped by {name}; finished cells are in {args.out}/cells.jsonl, the same command "
-              "runs the rest", file=sys.stderr)
-        return 128 + e.signum
-    files = ", ".join(str(p) for p in res.paths.values())
-    lost = f", {res.lost} lost with their worker: rerun to retry them" if res.lost else ""
-    print(f"sweep: {len(res.rows)} cells: ran {res.ran} (failed {res.failed}{lost}), skipped {res.skipped} "
-          f"already done; wrote {files}")
-    errs = [r for r in res.rows if r.get("status") != "ok"]
-    for r in errs[:10]:
-        print(f"  failed {r['cell_id']}: {r.get('error')}")
-    if len(errs) > 10:
-        print(f"  ... and {len(errs) - 10} more (see {args.out}/cells.jsonl)")
-    return 1 if errs else 0

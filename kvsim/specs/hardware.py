@@ -90,28 +90,28 @@ def _raw_table() -> dict:
     return table
 
 
-def _table() -> dict:
+def hardware_table() -> dict:
     """GPU entries only (the ``aliases`` mapping removed)."""
     return {k: v for k, v in _raw_table().items() if k not in _RESERVED}
 
 
-def _aliases() -> dict:
+def hardware_aliases() -> dict:
     """Alias -> canonical name; keys normalised like user input (YAML may parse ``4090`` as an int)."""
-    return {_key(k): _key(v) for k, v in (_raw_table().get("aliases") or {}).items()}
+    return {hardware_key(k): hardware_key(v) for k, v in (_raw_table().get("aliases") or {}).items()}
 
 
 def known_hardware() -> list[str]:
-    return sorted(_table())
+    return sorted(hardware_table())
 
 
-def _key(name: str) -> str:
+def hardware_key(name: str) -> str:
     return str(name).strip().lower().replace("_", "-")
 
 
 def load_hardware(name: str) -> HardwareSpec:
     """A GPU by its short name (``h100``) or an alias (``h100-sxm``); case and ``_``/``-`` are ignored."""
-    table, aliases = _table(), _aliases()
-    key = _key(name)
+    table, aliases = hardware_table(), hardware_aliases()
+    key = hardware_key(name)
     key = aliases.get(key, key)
     if key not in table:
         raise UnknownNameError("hardware", name, table, "`kvsim hardware` lists them with their figures and sources")

@@ -34,7 +34,7 @@ __all__ = [
     "ARRIVALS",
     "CHUNK",
     "FixedLengths",
-    "LengthSampler",
+    "RequestLengths",
     "LengthStats",
     "QuantileLengths",
     "UniformLengths",
@@ -49,7 +49,10 @@ CHUNK = 65536
 ARRIVALS = ("poisson", "gamma", "constant")
 
 
-class LengthSampler(Protocol):
+class RequestLengths(Protocol):
+    """Where a synthetic trace's prompt and output lengths come from (not to be confused with
+    kvsim.engine.output_length.LengthSampler, which scales a trace's output lengths under compression)."""
+
     def sample(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
         """Return *n* prompt lengths and *n* output lengths (positive integer arrays)."""
 
@@ -283,7 +286,7 @@ def synthetic_requests(
     seed: int = 0,
     arrival: str = "poisson",
     cv: float = 1.0,
-    lengths: LengthSampler | None = None,
+    lengths: RequestLengths | None = None,
     start_time_s: float = 0.0,
     id_prefix: str = "",
 ) -> Iterator[Request]:

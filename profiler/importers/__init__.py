@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from kvsim.cost.profile import SCHEMA, SCHEMA_VERSION, write_profile
+from kvsim.cost.profile import SCHEMA, SCHEMA_VERSION, interp_loglog, write_profile
 from kvsim.errors import KvsimError
 
 SOURCES = ("vidur", "llmservingsim")
@@ -96,14 +96,6 @@ def table_nd(axes: Sequence[str], cells: dict[tuple, float | None]) -> dict:
         return [build(d + 1, prefix + (x,)) for x in values[d]]
 
     return {"axes": {a: [int(x) for x in v] for a, v in zip(axes, values)}, "time_s": build(0, ())}
-
-
-def interp_loglog(x: float, x0: float, t0: float, x1: float, t1: float) -> float:
-    """Linear interpolation in (log x, log t), the same rule kvsim uses between grid points."""
-    if x0 == x1:
-        return t0
-    w = (math.log(x) - math.log(x0)) / (math.log(x1) - math.log(x0))
-    return math.exp(math.log(t0) + w * (math.log(t1) - math.log(t0)))
 
 
 def resample_rows(rows: dict[int, dict[int, float]], axis1: Iterable[int] | None = None) -> tuple[dict, dict]:

@@ -14,8 +14,9 @@ def _parser() -> argparse.ArgumentParser:
                     "length (and prefill chunk); every finished point is appended to DIR/raw.jsonl, and the same "
                     "command after a kill resumes where it stopped. Then: kvprof fit DIR --out PROFILE.json")
     p.add_argument("--model", required=True, help="shipped model name (llama-3.1-8b) or a path to a HF config.json")
-    p.add_argument("--methods", default="none,fp8,kivi,h2o,streamingllm,snapkv",
-                   help="comma-separated method specs, knobs as in kvsim (e.g. none,kivi:bits=4,h2o:budget=512,window=32)")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated method specs, parsed by kvsim's registry (e.g. none,kivi:bits=4,"
+                        "h2o:budget=512,window=32); default: every method kvprof's kernels run (profiler.methods)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (raw.jsonl is created or resumed)")
     p.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu (default cuda)")
     p.add_argument("--grid", choices=("full", "tiny"), default=None,
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         model = load_model(args.model)
-        methods = G.parse_methods(args.methods)
+        methods = G.parse_methods(args.methods or G.all_methods())
     except (KvsimError, ValueError) as e:
         print(f"kvprof kernels: {e}", file=sys.stderr)
         return 2

@@ -1,11 +1,8 @@
-"""The grid of points ``kvprof kernels`` measures, how each point is built and timed, and the
-resumable runner that appends every finished point to ``DIR/raw.jsonl`` at once.
-
-Timing (gpt-fast style): warm-up calls, then on CUDA one pair of CUDA events around each repeat
-(``torch.cuda.synchronize()`` before and after), on CPU ``time.perf_counter_ns`` around each call;
-the median of the repeats is recorded. Inputs are rotated: each point builds as many independent
-input sets as it takes to exceed twice the last-level cache, and repeat i uses set i mod n, so no
-repeat finds its operands already in cache.
+"""What ``kvprof kernels`` measures and the resumable runner that appends every finished point to
+``DIR/raw.jsonl`` at once: the methods (kvsim's registry, checked against the profiler's code in
+:mod:`profiler.methods`), the grids, the plan of (table, axes) points, the raw file's header, and a
+datasheet estimate for ``--dry-run``. A point is built by :mod:`profiler.kernels.bench` (linear and prefill
+attention tables) or by the method's module (its own tables) and timed by :mod:`profiler.kernels.timing`.
 """
 
 from __future__ import annotations
@@ -18,88 +15,47 @@ import re
 import statistics
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
+from kvsim.errors import ConfigError
 from kvsim.specs.model import ModelSpec
 from profiler.kernels import (RAW_FORMAT, RAW_FORMAT_VERSION, RawError, append_record, point_key, raw_path,
                               read_raw)
-from profiler.kernels import ops
+from profiler.kernels.bench import Bench, Ctx, _linear, _nbytes, _prefill_attention
+from profiler.kernels.timing import is_oom, last_level_cache_bytes, time_calls
 
 # ================================================================================================
-# methods and their knobs (names and defaults as kvsim.methods)
+# methods: kvsim's registry, checked against what the profiler's code runs (profiler.methods)
 # ================================================================================================
 
-METHOD_KNOBS: dict[str, dict[str, int]] = {
-    "none": {},
-    "fp8": {},
-    "kivi": {"bits": 2, "group_size": 32, "residual_length": 128},
-    "h2o": {"budget": 256, "window": 32},
-    "streamingllm": {"sink": 4, "window": 252},
-    "snapkv": {"budget": 256, "window": 32, "kernel_size": 7},
-}
-ALL_METHODS = ",".join(METHOD_KNOBS)
-#: the kvsim implementation (``impl`` knob) whose algorithm these torch kernels compute: kvsim uses a
-#: profile's method tables only for a method spec with the same implementation (kvsim.cost.profiled)
-KERNEL_IMPLEMENTATIONS: dict[str, str | None] = {
-    "none": None, "fp8": "native", "kivi": "reference", "h2o": "reference", "streamingllm": "sliding",
-    "snapkv": "reference",
-}
-#: the methods whose prefill needs the score matrix (kvsim's Method.prefill_attention == "eager")
-EAGER_PREFILL = ("h2o", "snapkv")
 
+def parse_methods(text: str) -> dict:
+    """``none,kivi:bits=4,group_size=64,h2o`` -> {name: kvsim Method}, one setting per method, each a
+    setting kvprof's kernels run (profiler.methods.parse: a spec naming no ``impl`` gets the kernels')."""
+    from profiler.methods import parse_list
 
-def parse_methods(text: str) -> dict[str, dict[str, int]]:
-    """``none,kivi:bits=4,group_size=64,h2o`` -> {name: knobs with defaults filled}."""
-    specs: list[str] = []
-    for tok in (t.strip() for t in text.split(",")):
-        if not tok:
-            continue
-        if "=" in tok and ":" not in tok and specs:
-            specs[-1] += "," + tok
-        else:
-            specs.append(tok)
-    out: dict[str, dict[str, int]] = {}
-    for spec in specs:
-        name, _, rest = spec.partition(":")
-        name = name.strip()
-        if name not in METHOD_KNOBS:
-            raise ValueError(f"unknown method {name!r}; known methods: {', '.join(METHOD_KNOBS)}")
-        knobs = dict(METHOD_KNOBS[name])
-        for part in filter(None, (p.strip() for p in rest.split(","))):
-            k, eq, v = part.partition("=")
-            if not eq or k.strip() not in knobs:
-                raise ValueError(f"method {name}: bad knob {part!r}; knobs: {', '.join(knobs) or '(none)'}")
-            try:
-                knobs[k.strip()] = int(v)
-            except ValueError:
-                raise ValueError(f"method {name}: knob {k.strip()}={v!r} is not an integer") from None
-        _check_knobs(name, knobs)
-        out[name] = knobs
-    if not out:
-        raise ValueError("no methods given")
+    out: dict = {}
+    for m in parse_list(text, "kernels"):
+        if m.name in out and out[m.name] != m:
+            raise ConfigError(f"kvprof kernels measures one setting per method; {m.name} is given twice "
+                              f"({out[m.name].algorithm_spec()} and {m.algorithm_spec()})")
+        out[m.name] = m
     return out
 
 
-def _check_knobs(name: str, k: dict) -> None:
-    def need(cond, why):
-        if not cond:
-            raise ValueError(f"method {name}: {why} (knobs {k})")
+def knob_values(m) -> dict:
+    """A method's knobs as the raw file records them (its algorithm's: every knob but ``impl``)."""
+    return {k: getattr(m, k) for k in type(m).knobs() if k != "impl"}
 
-    if name == "kivi":
-        need(k["bits"] in (2, 4, 8), "bits must be 2, 4 or 8")
-        need(k["group_size"] > 0 and k["residual_length"] % k["group_size"] == 0,
-             "residual_length must be a multiple of group_size")
-    if name in ("h2o", "snapkv"):
-        need(0 < k["window"] < k["budget"], "need 0 < window < budget")
-    if name == "snapkv":
-        need(k["kernel_size"] >= 1, "kernel_size must be >= 1")
-    if name == "streamingllm":
-        need(k["sink"] >= 0 and k["window"] > 0, "need sink >= 0 and window > 0")
+
+def all_methods() -> str:
+    """Every method kvprof's kernels run, as a --methods list."""
+    from profiler.methods import supported
+
+    return ",".join(supported("kernels"))
 
 
 # ================================================================================================
@@ -181,13 +137,18 @@ GRIDS = {
 
 def plan(grid: Grid, model: ModelSpec, methods: dict, tables: list[str] | None = None) -> list[tuple[str, dict]]:
     """Every (table, axes) point, in measuring order (linear, prefill, decode; small to large)."""
+    from profiler.methods import MethodSupport, support
+
+    def has(name: str, hook: str) -> bool:  # the method's module builds this table
+        return getattr(type(support(name)), hook) is not getattr(MethodSupport, hook)
+
     names = ["linear.qkv", "linear.o", "linear.moe" if model.is_moe else "linear.mlp", "linear.other", "linear.lm_head"]
     prefill = ["attention.prefill.flash"]
-    if any(m in methods for m in EAGER_PREFILL):
+    if any(support(m).eager_prefill for m in methods):
         prefill.append("attention.prefill.eager")
-    prefill += [f"extra.prefill.{m}" for m in methods if m != "none"]
+    prefill += [f"extra.prefill.{m}" for m in methods if has(m, "prefill_extra")]
     decode = [f"attention.decode.{m}" for m in methods]
-    decode += [f"extra.decode.{m}" for m in methods if m not in ("none", "snapkv")]
+    decode += [f"extra.decode.{m}" for m in methods if has(m, "decode_extra")]
     out: list[tuple[str, dict]] = []
     for t in names:
         out += [(t, {"num_tokens": n}) for n in grid.num_tokens]
@@ -202,390 +163,31 @@ def plan(grid: Grid, model: ModelSpec, methods: dict, tables: list[str] | None =
 
 
 # ================================================================================================
-# building one point
+# one point: built (profiler.kernels.bench, the method's module) and timed (profiler.kernels.timing)
 # ================================================================================================
-
-
-@dataclass(frozen=True)
-class Shapes:
-    """Per-GPU shapes of one layer under tensor parallelism."""
-
-    hidden: int
-    hq: int
-    hkv: int
-    d: int
-    inter: int
-    vocab: int
-    experts: int
-    top_k: int
-    moe_inter: int
-    shared: int
-
-    @classmethod
-    def of(cls, m: ModelSpec, tp: int = 1) -> "Shapes":
-        return cls(hidden=m.hidden_size, hq=max(1, m.num_attention_heads // tp), hkv=max(1, m.num_kv_heads // tp),
-                   d=m.head_dim, inter=max(1, m.intermediate_size // tp), vocab=-(-m.vocab_size // tp),
-                   experts=m.num_experts, top_k=m.num_experts_per_tok, moe_inter=max(1, m.moe_intermediate_size // tp),
-                   shared=m.num_shared_experts)
-
-
-@dataclass
-class Bench:
-    fn: Callable
-    #: make_args(r) -> one input set (r = rotation index; weights are cached per r across points)
-    make_args: Callable[[int], tuple]
-    #: the timed call does this many units of the table's work (e.g. KIVI: R decode steps)
-    divisor: int = 1
-    #: analytic FLOPs and bytes moved per unit of work (per call / divisor), for the --dry-run estimate only
-    flops: float = 0.0
-    bytes: float = 0.0
-
-
-class Ctx:
-    def __init__(self, model: ModelSpec, methods: dict, device: str, dtype: torch.dtype, tp: int, grid: Grid,
-                 contiguous_decode: bool = False):
-        self.model, self.methods, self.device, self.dtype, self.tp, self.grid = model, methods, device, dtype, tp, grid
-        self.s = Shapes.of(model, tp)
-        self.contiguous_decode = contiguous_decode
-        self.esize = torch.empty((), dtype=dtype).element_size()
-        self._cache: dict = {}
-        self._cache_table = None
-
-    #: tensors larger than this many elements repeat a random block of this size (generation at copy speed)
-    TILE = 2**24
-
-    def rnd(self, *shape, scale: float = 1.0, dtype=None):
-        dtype = dtype or self.dtype
-        n = math.prod(shape)
-        if n <= self.TILE or self.device == "meta":
-            x = torch.randn(*shape, device=self.device, dtype=dtype)
-        else:
-            block = torch.randn(self.TILE, device=self.device, dtype=dtype)
-            x = block.repeat(-(-n // self.TILE))[:n].view(*shape)
-        return x.mul_(scale) if scale != 1.0 and self.device != "meta" else x
-
-    def weight(self, name: str, r: int, *shape):
-        """A weight tensor (input scale 1/sqrt(fan_in)), kept across the points of one table."""
-        key = (name, r, shape)
-        if key not in self._cache:
-            self._cache[key] = self.rnd(*shape, scale=1.0 / math.sqrt(shape[-1]))
-        return self._cache[key]
-
-    def start_table(self, table: str) -> None:
-        if table != self._cache_table:
-            self._cache.clear()
-            self._cache_table = table
-
-    def knobs(self, method: str) -> dict:
-        return self.methods[method]
-
-
-def _nbytes(obj) -> int:
-    if torch.is_tensor(obj):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, (tuple, list)):
-        return sum(_nbytes(x) for x in obj)
-    return 0
-
-
-def _linear(table: str, T: int, c: Ctx) -> Bench:
-    s, e = c.s, c.esize
-    if table == "linear.qkv":
-        n_out = (s.hq + 2 * s.hkv) * s.d
-        return Bench(ops.linear, lambda r: (c.rnd(T, s.hidden), c.weight("w", r, n_out, s.hidden)),
-                     flops=2.0 * T * s.hidden * n_out, bytes=e * (T * s.hidden + n_out * s.hidden + T * n_out))
-    if table == "linear.o":
-        return Bench(ops.linear, lambda r: (c.rnd(T, s.hq * s.d), c.weight("w", r, s.hidden, s.hq * s.d)),
-                     flops=2.0 * T * s.hidden * s.hq * s.d, bytes=e * (s.hq * s.d * (T + s.hidden) + T * s.hidden))
-    if table == "linear.mlp":
-        return Bench(ops.mlp, lambda r: (c.rnd(T, s.hidden), c.weight("gu", r, 2 * s.inter, s.hidden),
-                                         c.weight("d", r, s.hidden, s.inter)),
-                     flops=6.0 * T * s.hidden * s.inter, bytes=e * (3 * s.hidden * s.inter + 2 * T * s.hidden + 4 * T * s.inter))
-    if table == "linear.moe":
-        k, sh = s.top_k, s.shared
-
-        def args(r):
-            return (c.rnd(T, s.hidden), c.weight("router", r, s.experts, s.hidden),
-                    c.weight("gu", r, s.experts, 2 * s.moe_inter, s.hidden), c.weight("d", r, s.experts, s.hidden, s.moe_inter),
-                    k, c.weight("sgu", r, 2 * s.moe_inter * sh, s.hidden) if sh else None,
-                    c.weight("sd", r, s.hidden, s.moe_inter * sh) if sh else None)
-
-        active = min(s.experts, T * k)
-        return Bench(ops.moe, args, flops=6.0 * T * s.hidden * s.moe_inter * (k + sh) + 2.0 * T * s.hidden * s.experts,
-                     bytes=e * 3 * s.hidden * s.moe_inter * (active + sh))
-    if table == "linear.other":
-        def args(r):
-            cos, sin = ops.rope_cos_sin(torch.arange(T, device=c.device), s.d, dtype=c.dtype)
-            return (c.rnd(T, s.hidden), c.rnd(T, s.hidden), c.rnd(T, s.hidden), c.weight("n1", r, s.hidden),
-                    c.weight("n2", r, s.hidden), c.rnd(T, s.hq, s.d), c.rnd(T, s.hkv, s.d), cos, sin)
-
-        return Bench(ops.layer_other, args, flops=20.0 * T * (s.hidden + (s.hq + s.hkv) * s.d),
-                     bytes=e * T * (10 * s.hidden + 3 * (s.hq + s.hkv) * s.d))
-    if table == "linear.lm_head":
-        return Bench(ops.linear, lambda r: (c.rnd(T, s.hidden), c.weight("w", r, s.vocab, s.hidden)),
-                     flops=2.0 * T * s.hidden * s.vocab, bytes=e * (s.vocab * s.hidden + T * (s.hidden + s.vocab)))
-    raise KeyError(table)
-
-
-def _prefill(table: str, C: int, KV: int, c: Ctx) -> Bench:
-    s, e = c.s, c.esize
-    pairs = C * KV - C * (C - 1) / 2.0
-    attn_flops = 4.0 * s.hq * s.d * pairs
-    qkv_bytes = e * s.d * (2 * C * s.hq + 2 * KV * s.hkv)
-
-    def qkv(r):
-        return c.rnd(1, s.hq, C, s.d), c.rnd(1, s.hkv, KV, s.d), c.rnd(1, s.hkv, KV, s.d)
-
-    if table == "attention.prefill.flash":
-        return Bench(ops.sdpa_prefill, qkv, flops=attn_flops, bytes=qkv_bytes)
-    if table == "attention.prefill.eager":
-        mask = ops.causal_mask(C, KV, c.device)
-        return Bench(ops.eager_attention, lambda r: (*qkv(r), mask), flops=attn_flops,
-                     bytes=qkv_bytes + 16.0 * s.hq * C * KV)
-    method = table.rsplit(".", 1)[1]
-    k = c.knobs(method)
-    if method == "fp8":
-        bs = c.grid.block_size
-        nb = -(-KV // bs)
-
-        def args(r):
-            kc = torch.empty(nb, bs, s.hkv, s.d, device=c.device, dtype=ops.FP8)
-            vc = torch.empty_like(kc)
-            table_ = torch.randperm(nb, device=c.device)
-            p = torch.arange(KV - C, KV, device=c.device)
-            slots = table_[p // bs] * bs + p % bs
-            one = torch.ones((), device=c.device)
-            return kc, vc, c.rnd(C, s.hkv, s.d), c.rnd(C, s.hkv, s.d), slots, one, one
-
-        return Bench(ops.fp8_write_paged, args, bytes=2.0 * C * s.hkv * s.d * (e + 1))
-    if method == "kivi":
-        g, bits = k["group_size"], k["bits"]
-        n = -(-C // g) * g
-
-        def quant(kk, vv):
-            return ops.kivi_quantize_keys(kk, bits, g), ops.kivi_quantize_values(vv, bits, g)
-
-        return Bench(quant, lambda r: (c.rnd(1, s.hkv, n, s.d), c.rnd(1, s.hkv, n, s.d)),
-                     bytes=2.0 * n * s.hkv * s.d * (e + bits / 8))
-    if method == "h2o":
-        budget, window = k["budget"], k["window"]
-
-        def h2o(probs, score, kk, vv):
-            ops.h2o_accumulate(score, probs)
-            if kk.shape[2] > budget:
-                return ops.h2o_compress(kk, vv, score, budget, window)
-
-        def args(r):
-            probs = torch.rand(1, s.hq, C, KV, device=c.device, dtype=torch.float32)
-            return probs, torch.zeros(1, s.hkv, KV, device=c.device), c.rnd(1, s.hkv, KV, s.d), c.rnd(1, s.hkv, KV, s.d)
-
-        return Bench(h2o, args, bytes=4.0 * s.hq * C * KV + 2 * e * s.hkv * s.d * min(KV, budget))
-    if method == "streamingllm":
-        sink, window = k["sink"], k["window"]
-        return Bench(lambda kk, vv: ops.streaming_compress(kk, vv, sink, window),
-                     lambda r: (c.rnd(1, s.hkv, KV, s.d), c.rnd(1, s.hkv, KV, s.d)),
-                     bytes=4.0 * e * s.hkv * s.d * min(KV, sink + window))
-    if method == "snapkv":
-        budget, window, ks = k["budget"], k["window"], k["kernel_size"]
-        return Bench(lambda qw, kk, vv: ops.snapkv_compress(qw, kk, vv, budget, window, ks),
-                     lambda r: (c.rnd(1, s.hq, window, s.d), c.rnd(1, s.hkv, KV, s.d), c.rnd(1, s.hkv, KV, s.d)),
-                     flops=2.0 * s.hq * window * KV * s.d, bytes=e * s.hkv * s.d * KV + 12.0 * s.hq * window * KV)
-    raise KeyError(table)
-
-
-def _decode(table: str, B: int, KV: int, c: Ctx) -> Bench:
-    s, e = c.s, c.esize
-    kind, method = table.split(".")[0], table.rsplit(".", 1)[1]
-    bs = c.grid.block_size
-    kv_elems = B * KV * s.hkv * s.d
-    attn_flops = 4.0 * B * s.hq * s.d * KV
-
-    def q(r):
-        return c.rnd(B, s.hq, 1, s.d)
-
-    def paged(r, dtype=None):
-        nb = -(-KV // bs)
-        kc, vc = c.rnd(B * nb, bs, s.hkv, s.d), c.rnd(B * nb, bs, s.hkv, s.d)
-        if dtype == ops.FP8:
-            kc, vc = kc.to(ops.FP8), vc.to(ops.FP8)
-        table_ = torch.randperm(B * nb, device=c.device).view(B, nb)
-        lens = None if KV % bs == 0 else torch.full((B,), KV, device=c.device)
-        return kc, vc, table_, lens
-
-    def contiguous(r):
-        return c.rnd(B, s.hkv, KV, s.d), c.rnd(B, s.hkv, KV, s.d)
-
-    if kind == "attention":
-        if method in ("none", "snapkv"):
-            if c.contiguous_decode:
-                return Bench(ops.decode_attention, lambda r: (q(r), *contiguous(r)), flops=attn_flops, bytes=2.0 * e * kv_elems)
-            return Bench(ops.paged_decode_attention, lambda r: (q(r), *paged(r)), flops=attn_flops, bytes=6.0 * e * kv_elems)
-        if method == "fp8":
-            one = torch.ones((), device=c.device)
-            if c.contiguous_decode:
-                def f8(qq, kk, vv, ks, vs):
-                    return ops.decode_attention(qq, ops.fp8_dequantize(kk, ks, qq.dtype), ops.fp8_dequantize(vv, vs, qq.dtype))
-
-                return Bench(f8, lambda r: (q(r), *(x.to(ops.FP8) for x in contiguous(r)), one, one),
-                             flops=attn_flops, bytes=(2.0 + 4.0 * e) * kv_elems)
-
-            def args(r):
-                kc, vc, table_, lens = paged(r, ops.FP8)
-                return q(r), kc, vc, table_, one, one, lens
-
-            return Bench(ops.paged_decode_attention_fp8, args, flops=attn_flops, bytes=(6.0 + 4.0 * e) * kv_elems)
-        if method == "kivi":
-            k = c.knobs("kivi")
-            bits, g, R = k["bits"], k["group_size"], k["residual_length"]
-            n_q = max(0, (KV - R // 2) // g * g)
-            n_r = KV - n_q
-
-            def args(r):
-                kk, vv = c.rnd(B, s.hkv, n_q, s.d), c.rnd(B, s.hkv, n_q, s.d)
-                kq, vq = ops.kivi_quantize_keys(kk, bits, g), ops.kivi_quantize_values(vv, bits, g)
-                del kk, vv
-                return (q(r), kq, vq, c.rnd(B, s.hkv, n_r, s.d), c.rnd(B, s.hkv, n_r, s.d))
-
-            return Bench(lambda qq, kq, vq, kr, vr: ops.kivi_decode_attention(qq, kq, vq, kr, vr, bits, g), args,
-                         flops=attn_flops, bytes=(2 * bits / 8 + 4.0 * e) * kv_elems)
-        if method == "h2o":
-            return Bench(ops.eager_attention, lambda r: (q(r), *contiguous(r)), flops=attn_flops,
-                         bytes=2.0 * e * kv_elems + 12.0 * B * s.hq * KV)
-        if method == "streamingllm":
-            return Bench(ops.decode_attention, lambda r: (q(r), *contiguous(r)), flops=attn_flops, bytes=2.0 * e * kv_elems)
-        raise KeyError(table)
-    # extra.decode.<method>
-    new_bytes = 2.0 * e * B * s.hkv * s.d
-    if method == "fp8":
-        def args(r):
-            nslots = -(-B * KV // bs) * bs
-            kc = torch.empty(nslots // bs, bs, s.hkv, s.d, device=c.device, dtype=ops.FP8)
-            slots = torch.randperm(nslots, device=c.device)[:B]
-            one = torch.ones((), device=c.device)
-            return kc, torch.empty_like(kc), c.rnd(B, s.hkv, s.d), c.rnd(B, s.hkv, s.d), slots, one, one
-
-        return Bench(ops.fp8_write_paged, args, bytes=new_bytes * 1.5)
-    if method == "kivi":
-        k = c.knobs("kivi")
-        bits, g, R = k["bits"], k["group_size"], k["residual_length"]
-        T = max(R, -(-KV // R) * R)
-        offset = T - R
-
-        def step(k_res, v_res, k_new, v_new, store_k, store_v):
-            for i in range(R):
-                k_res[:, :, i:i + 1].copy_(k_new)
-                v_res[:, :, i:i + 1].copy_(v_new)
-            ops.kivi_flush(k_res, v_res, store_k, store_v, offset, bits, g)
-
-        def args(r):
-            dev, dt = c.device, c.dtype
-            store_k = (torch.empty(B, s.hkv, T, s.d * bits // 8, device=dev, dtype=torch.uint8),
-                       torch.empty(B, s.hkv, T // g, 1, s.d, device=dev, dtype=dt),
-                       torch.empty(B, s.hkv, T // g, 1, s.d, device=dev, dtype=dt))
-            store_v = (torch.empty(B, s.hkv, T, s.d * bits // 8, device=dev, dtype=torch.uint8),
-                       torch.empty(B, s.hkv, T, s.d // g, 1, device=dev, dtype=dt),
-                       torch.empty(B, s.hkv, T, s.d // g, 1, device=dev, dtype=dt))
-            return (c.rnd(B, s.hkv, R, s.d), c.rnd(B, s.hkv, R, s.d), c.rnd(B, s.hkv, 1, s.d), c.rnd(B, s.hkv, 1, s.d),
-                    store_k, store_v)
-
-        return Bench(step, args, divisor=R, bytes=new_bytes * (2 + bits / 8 / e))
-    if method == "h2o":
-        window = c.knobs("h2o")["window"]
-
-        def args(r):
-            kk, vv = contiguous(r)
-            probs = torch.rand(B, s.hq, 1, KV, device=c.device, dtype=torch.float32)
-            pos = torch.arange(KV, device=c.device).expand(B, s.hkv, KV).contiguous()
-            return (kk, vv, torch.rand(B, s.hkv, KV, device=c.device), pos, probs,
-                    c.rnd(B, s.hkv, 1, s.d), c.rnd(B, s.hkv, 1, s.d), KV, window)
-
-        return Bench(ops.h2o_decode_update, args, bytes=4.0 * B * KV * (s.hq + 3 * s.hkv) + 8.0 * B * s.hkv * KV + new_bytes)
-    if method == "streamingllm":
-        sink = min(c.knobs("streamingllm")["sink"], KV - 1)
-
-        def args(r):
-            kk, vv = contiguous(r)
-            t = torch.randint(KV, 10 * KV, (B,), device=c.device)
-            return kk, vv, c.rnd(B, s.hkv, 1, s.d), c.rnd(B, s.hkv, 1, s.d), ops.streaming_slot(t, sink, KV - sink)
-
-        return Bench(ops.streaming_write, args, bytes=2 * new_bytes)
-    raise KeyError(table)
 
 
 def build_bench(table: str, axes: dict, ctx: Ctx) -> Bench:
-    """The kernel and its inputs for one grid point."""
+    """The kernel and its inputs for one grid point; a method's tables come from its module."""
     if table.startswith("linear."):
         return _linear(table, axes["num_tokens"], ctx)
-    if table.startswith(("attention.prefill.", "extra.prefill.")):
-        return _prefill(table, axes["chunk_tokens"], axes["kv_tokens"], ctx)
-    if table.startswith(("attention.decode.", "extra.decode.")):
-        return _decode(table, axes["batch_size"], axes["kv_tokens"], ctx)
-    raise KeyError(f"no kernel for table {table!r}")
+    if table.startswith("attention.prefill."):
+        return _prefill_attention(table, axes["chunk_tokens"], axes["kv_tokens"], ctx)
+    kind, _, name = table.rpartition(".")
+    from profiler.methods import support
 
-
-# ================================================================================================
-# timing
-# ================================================================================================
-
-
-def last_level_cache_bytes(device: str) -> int:
-    if device.startswith("cuda"):
-        return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 * 2**20))
-    for idx in (3, 2):
-        try:
-            text = Path(f"/sys/devices/system/cpu/cpu0/cache/index{idx}/size").read_text().strip()
-            return int(text[:-1]) * (1024 if text.endswith("K") else 2**20) if text[-1] in "KM" else int(text)
-        except (OSError, ValueError):
-            continue
-    return 32 * 2**20
-
-
-def time_calls(fn, arg_sets: list, device: str, grid: Grid) -> list[float]:
-    """Seconds per call: warm-up, one call that sizes the repeats (and warms up too), then ``reps`` timed
-    calls rotating over the input sets."""
-    n = len(arg_sets)
-    cuda = device.startswith("cuda")
-    for i in range(grid.warmup):
-        fn(*arg_sets[i % n])
-    if cuda:
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn(*arg_sets[0])
-        end.record()
-        torch.cuda.synchronize()
-        first = start.elapsed_time(end) * 1e-3
+    sup, method = support(name), ctx.method(name)
+    if kind == "extra.prefill":
+        b = sup.prefill_extra(ctx, method, axes["chunk_tokens"], axes["kv_tokens"])
+    elif kind == "attention.decode":
+        b = sup.decode_attention(ctx, method, axes["batch_size"], axes["kv_tokens"])
+    elif kind == "extra.decode":
+        b = sup.decode_extra(ctx, method, axes["batch_size"], axes["kv_tokens"])
     else:
-        t0 = time.perf_counter_ns()
-        fn(*arg_sets[0])
-        first = (time.perf_counter_ns() - t0) * 1e-9
-    reps = max(grid.min_reps, min(grid.max_reps, math.ceil(grid.target_s / max(first, 1e-7))))
-    if cuda:
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-        torch.cuda.synchronize()
-        for i in range(reps):
-            args = arg_sets[(i + 1) % n]
-            starts[i].record()
-            fn(*args)
-            ends[i].record()
-        torch.cuda.synchronize()
-        return [s.elapsed_time(e) * 1e-3 for s, e in zip(starts, ends)]
-    out = []
-    for i in range(reps):
-        args = arg_sets[(i + 1) % n]
-        t0 = time.perf_counter_ns()
-        fn(*args)
-        out.append((time.perf_counter_ns() - t0) * 1e-9)
-    return out
-
-
-def is_oom(exc: BaseException) -> bool:
-    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
-        return True
-    msg = str(exc).lower()
-    return isinstance(exc, RuntimeError) and ("out of memory" in msg or "not enough memory" in msg
-                                              or "can't allocate memory" in msg or "failed to allocate" in msg)
+        b = None
+    if b is None:
+        raise KeyError(f"no kernel for table {table!r}")
+    return b
 
 
 def measure_point(table: str, axes: dict, ctx: Ctx) -> dict:
@@ -658,8 +260,8 @@ def make_header(ctx: Ctx, command: str) -> dict:
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "command": command,
         "model": ctx.model.name, "model_spec": dataclasses.asdict(ctx.model),
-        "tensor_parallel_size": ctx.tp, "methods": ctx.methods,
-        "implementations": {m: KERNEL_IMPLEMENTATIONS[m] for m in ctx.methods}, "grid": ctx.grid.name,
+        "tensor_parallel_size": ctx.tp, "methods": {n: knob_values(m) for n, m in ctx.methods.items()},
+        "implementations": {n: getattr(m, "impl", None) for n, m in ctx.methods.items()}, "grid": ctx.grid.name,
         "block_size": ctx.grid.block_size, "decode_kv": "contiguous" if ctx.contiguous_decode else "paged",
         "timing": {"warmup": ctx.grid.warmup, "min_reps": ctx.grid.min_reps, "max_reps": ctx.grid.max_reps,
                    "target_s": ctx.grid.target_s, "max_rotation": ctx.grid.max_rotation, "clock": "cuda events" if cuda else "perf_counter_ns",
@@ -715,7 +317,7 @@ def run_grid(out_dir, model: ModelSpec, methods: dict, device: str = "cuda", dty
         if old is None:
             append_record(f, header)
         elif todo:
-            append_record(f, {"record": "session", "date": header["date"], "command": command, "methods": methods,
+            append_record(f, {"record": "session", "date": header["date"], "command": command, "methods": header["methods"],
                               "torch": header["torch"], "driver": header["driver"]})
         bar = tqdm(total=len(points), initial=len(points) - len(todo), unit="pt", desc="kvprof kernels",
                    disable=progress is False, dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 10.0)

@@ -264,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     from kvsim.api import resolve_method
     from kvsim.errors import KvsimError
     from profiler.replay.engine import ReplayEngine
-    from profiler.replay.kvstore import DEFAULT_MAX_ATTN_TOKENS, store_class, store_method
+    from profiler.methods import parse as parse_for, support
+    from profiler.replay.kvstore import DEFAULT_MAX_ATTN_TOKENS, PagedStore
     from profiler.replay.model import Llama, load_config
 
     try:
@@ -279,8 +280,8 @@ def main(argv: list[str] | None = None) -> int:
         dev_mem = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else 0
         check_memory(spec, device, dev_mem, args, explicit_device=args.device is not None)
         cfg = _engine_config(args, spec, dev_mem)
-        method = store_method(resolve_method(args.method, cfg), args.method)
-        store_cls = store_class(method)
+        method = parse_for(resolve_method(args.method, cfg), "replay", named_impl="impl=" in (args.method or ""))
+        store_cls = support(method.name, "replay").store
         reqs = load_requests(args.trace, args.fmt, args.rate_scale, args.limit)
         if not reqs:
             raise KvsimError(f"{args.trace}: no requests to serve")
@@ -294,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     backend_note = None
     varlen_paged = False
     if backend in ("auto", "varlen"):
-        if store_cls.__name__ != "PagedStore":
+        if not issubclass(store_cls, PagedStore):
             why = {"gather": f"method {method.name} has its own attention kernels"}
         elif device.type != "cuda":
             why = {"gather": "not CUDA"}
@@ -302,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
             why = varlen_selfcheck(device, dtype, cfg.block_size)
         if why.get("gather") is None:
             backend = "varlen"
-            varlen_paged = why.get("paged") is None and method.name != "fp8"
+            varlen_paged = why.get("paged") is None and not store_cls.fp8
             backend_note = ("paged (block table)" if varlen_paged
                             else f"gathered K/V (paged mode: {why.get('paged') or 'fp8 is dequantized first'})")
         elif args.attention_backend == "varlen":
@@ -428,7 +429,7 @@ def write_case(out: Path, eng, mcfg, spec, meta: dict, tiny: bool = False) -> di
         "block_size": cfg.block_size,
         "gpu_memory_utilization": cfg.gpu_memory_utilization,
         "dtype": meta["dtype"],
-        "kv_cache_dtype": "fp8" if meta["method"] == "fp8" else "auto",
+        "kv_cache_dtype": "fp8" if meta["method"].partition(":")[0] == "fp8" else "auto",
         "enable_chunked_prefill": cfg.enable_chunked_prefill,
         "enable_prefix_caching": False,
         "enforce_eager": True,

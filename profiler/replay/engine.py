@@ -1,8 +1,10 @@
 """The real-time serving loop of ``kvprof replay``: kvsim's own scheduler, a real forward pass per step.
 
-Scheduling is not re-implemented: the engine builds kvsim's ``Replica`` (``kvsim.engine.replica``) around
-kvsim's ``Scheduler`` (or ``PrefillFirstScheduler``), ``KVCacheManager`` and ``BlockManager``, with fast-
-forward off and a cost model that only records each step's shape. So the token budget, ``max_num_seqs``,
+Scheduling is not re-implemented: kvsim's run builder (``kvsim.build.make_replica``) makes the engine's
+``Replica`` with kvsim's ``Scheduler`` (or ``PrefillFirstScheduler``), ``KVCacheManager`` and
+``BlockManager``, with fast-forward off and a cost model that prices nothing (the step's real duration is
+measured); its step events (``kvsim.engine.events``) feed the metrics recorder and the step records. So
+the token budget, ``max_num_seqs``,
 chunked prefill, the per-method block accounting, the newest-first preemption by recompute and the
 commit rules (when a sequence samples, finishes, gives back blocks) are kvsim's code, not a copy.
 Between ``Replica.begin`` (schedule) and ``Replica.commit`` the engine does the real work:
@@ -23,40 +25,52 @@ every host-side cost (scheduling, batch building, commit) is inside some step's 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
 import torch
 
-from kvsim.engine.block_manager import BlockManager
-from kvsim.engine.kv_cache_manager import KVCacheManager
-from kvsim.engine.replica import Replica
-from kvsim.engine.scheduler import PrefillFirstScheduler, Scheduler
+from kvsim.build import make_replica
+from kvsim.engine.events import Observer
 from kvsim.engine.sequence import Sequence
 from kvsim.metrics.collector import Recorder
+from kvsim.metrics.progress import DoneProgress
+from kvsim.validate.case import MAX_KV_COLUMN, STEP_COLUMNS as CASE_STEP_COLUMNS
 from kvsim.workload.request import Request
 from profiler.replay.kvstore import Item, SeqKV
 
-STEP_COLUMNS = ["step", "replica", "start_s", "end_s", "duration_ms", "num_prefill_tokens", "num_prefill_seqs",
-                "num_decode_seqs", "decode_kv_tokens", "prefill_chunks", "num_preempted",
-                "forward_ms", "num_running", "num_waiting", "kv_blocks_used", "decode_max_kv_tokens"]
+#: steps.csv: the measured-case columns kvsim validate reads, then what this engine adds
+STEP_COLUMNS = CASE_STEP_COLUMNS + ["forward_ms", "num_running", "num_waiting", "kv_blocks_used", MAX_KV_COLUMN]
 
 
-class ShapeLog:
-    """The cost model handed to kvsim's Replica: records the step's shape, costs nothing (the step's
-    real duration is measured and written into the pending step before commit)."""
+class Measured:
+    """The cost model handed to kvsim's Replica: prices nothing. The step's real duration is measured and
+    written into the pending step before commit."""
 
     name = "kvprof-replay (measured)"
 
-    def __init__(self):
-        self.last = None
-
     def step_time_s(self, shape) -> float:
-        self.last = shape
         return 0.0
 
     def decode_step_time_s(self, num_seqs, kept, max_kept=0):  # only called by fast-forward, which is off
         raise AssertionError("kvprof replay runs with fast-forward off")
+
+
+class StepRecords(Observer):
+    """The engine's step log: a :class:`StepRecord` per committed step, from kvsim's step event and the
+    forward time the engine measured."""
+
+    def __init__(self, engine: "ReplayEngine"):
+        self.engine = engine
+        self.records: list[StepRecord] = []
+
+    def on_step(self, ev) -> None:
+        sh, r = ev.shape, ev.replica
+        self.records.append(StepRecord(
+            len(self.records), ev.start_s, ev.end_s, self.engine.last_forward_ms, sh.num_decode_seqs,
+            sh.decode_kept_tokens, list(sh.prefill_chunks), len(ev.plan.preempted), len(ev.plan.scheduled),
+            len(r.scheduler.waiting), r.kv.num_used_blocks, sh.decode_max_kept))
 
 
 @dataclass
@@ -103,17 +117,19 @@ class ReplayEngine:
         self.clock, self.sleep = clock, sleep
         self.progress = progress
         self.check = check
-        pool = BlockManager(num_blocks, cfg.block_size, enable_prefix_caching=False)
-        self.kv = KVCacheManager(pool, method, spec, 1)
-        cls = PrefillFirstScheduler if cfg.scheduler == "prefill-first" else Scheduler
-        self.sched = cls(self.kv, cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.enable_chunked_prefill)
         self.rec = Recorder(requests_out, keep_rows=True)
-        self.cost = ShapeLog()
-        self.replica = Replica(0, self.sched, self.kv, self.cost, self.rec, cfg.max_model_len, fast_forward=False,
-                               reject_over_budget_prompts=(cfg.scheduler == "prefill-first" or not cfg.enable_chunked_prefill))
+        self.cost = Measured()
+        self.step_records = StepRecords(self)
+        self.observers = [self.rec, self.step_records] + ([DoneProgress(progress)] if progress is not None else [])
+        # one GPU, no prefix caching: the store has no shared pages
+        cfg = dataclasses.replace(cfg, tensor_parallel_size=1, enable_prefix_caching=False)
+        self.replica = make_replica(0, spec, method, cfg, num_blocks, self.cost, self.observers, fast_forward=False)
+        self.kv, self.sched = self.replica.kv, self.replica.scheduler
         self.states: dict[int, SeqKV] = {}
         self.info: dict[str, RequestInfo] = {}
-        self.steps: list[StepRecord] = []
+        self.steps: list[StepRecord] = self.step_records.records
+        #: the forward time of the step being committed (StepRecords reads it)
+        self.last_forward_ms = 0.0
         self._t0 = None
 
     def now(self) -> float:
@@ -148,13 +164,13 @@ class ReplayEngine:
         info.arrival_s = t
         req = Request(r.request_id, t, r.prompt_tokens, r.output_tokens, None, r.hash_block_tokens, r.source)
         seq = Sequence(req, info.index, r.output_tokens)
-        self.rec.arrival(t)
+        for o in self.observers:
+            o.on_arrival(t)
         reason = self.replica.add(seq)
         if reason:
             info.rejected = reason
-            self.rec.reject(r.request_id, t, r.prompt_tokens, r.output_tokens, reason, 0)
-            if self.progress is not None:
-                self.progress.update(1)
+            for o in self.observers:
+                o.on_reject(r.request_id, t, r.prompt_tokens, r.output_tokens, reason, 0)
             return
         self.states[id(seq)] = SeqKV(prompt_ids(self.seed, info.index, r.prompt_tokens, self.model.cfg.vocab_size))
 
@@ -203,7 +219,6 @@ class ReplayEngine:
                     self.store.release(st)
             return None
         plan = p.plan
-        shape = self.cost.last
         store, states = self.store, self.states
         for victim in plan.preempted:
             store.release(states[id(victim)])
@@ -245,6 +260,7 @@ class ReplayEngine:
         for (seq, st), tid in zip(samplers, next_ids):
             st.tokens.append(tid)
         p.end_s = t_end
+        self.last_forward_ms = (f1 - f0) * 1e3
         finished = self.replica.commit()
         done = {id(s) for s in finished}
         for seq, _ in plan.scheduled:
@@ -260,10 +276,4 @@ class ReplayEngine:
                     assert len(st.tokens) == seq.num_tokens, (seq, len(st.tokens))
         for seq in finished:
             assert seq.generated == seq.output_tokens
-        self.steps.append(StepRecord(
-            len(self.steps), start, t_end, (f1 - f0) * 1e3, shape.num_decode_seqs, shape.decode_kept_tokens,
-            list(shape.prefill_chunks), len(plan.preempted), len(plan.scheduled), len(self.sched.waiting),
-            self.kv.pool.num_used, shape.decode_max_kept))
-        if self.progress is not None and finished:
-            self.progress.update(len(finished))
         return t_end

@@ -3,8 +3,8 @@ carried to the same GPU. Writes kvprof_vs_terms.md next to this file.
 
     python results/method-costs/kvprof_vs_terms.py
 
-Inputs: profiles/kvprof/h200__llama-2-7b__tp1.json (kvprof kernels on an H200, 2026-12-04; decode over a
-paged cache gathered into a contiguous copy) and profiles/kvprof/raw/h200__llama-2-7b__tp1__contiguous-decode.jsonl
+Inputs: kvsim/profiles/kvprof/h200__llama-2-7b__tp1.json (kvprof kernels on an H200, 2026-12-04; decode over a
+paged cache gathered into a contiguous copy) and kvsim/profiles/kvprof/raw/h200__llama-2-7b__tp1__contiguous-decode.jsonl
 (the full-cache decode attention over a contiguous cache: the traffic of an ideal paged kernel). The kvsim
 side is the roofline on h200 with each implementation's terms, one layer, the same shapes.
 """
@@ -15,13 +15,13 @@ import json
 from pathlib import Path
 
 from kvsim.cost.roofline import RooflineCost
-from kvsim.cost.work import ZERO
+from kvsim.work import ZERO
 from kvsim.methods import parse_method
 from kvsim.specs import load_hardware, load_model
 
 ROOT = Path(__file__).resolve().parents[2]
-PROFILE = ROOT / "profiles/kvprof/h200__llama-2-7b__tp1.json"
-CONTIG = ROOT / "profiles/kvprof/raw/h200__llama-2-7b__tp1__contiguous-decode.jsonl"
+PROFILE = ROOT / "kvsim/profiles/kvprof/h200__llama-2-7b__tp1.json"
+CONTIG = ROOT / "kvsim/profiles/kvprof/raw/h200__llama-2-7b__tp1__contiguous-decode.jsonl"
 MODEL, HW = load_model("llama-2-7b"), load_hardware("h200")
 
 

@@ -30,7 +30,7 @@ def vidur_small_gemms():
     xs, ns, ys = [], [], []
     h, i, q = 4096, 11008, 4096 * 3
     for tp in (1, 2, 4, 8):
-        prof = load_profile(ROOT / f"profiles/imported/h100__llama-2-7b__tp{tp}.json")
+        prof = load_profile(ROOT / f"kvsim/profiles/imported/h100__llama-2-7b__tp{tp}.json")
         for op, nbytes, n in (("qkv", h * q * 2 / tp, 1), ("o", h * h * 2 / tp, 1), ("mlp", 3 * h * i * 2 / tp, 3)):
             t = float(np.median([prof.tables[f"linear.{op}"].lookup_at(T) for T in (1, 2, 4, 8, 16)]))
             xs.append(nbytes)
@@ -45,7 +45,7 @@ def vidur_small_gemms():
 def graph_steps():
     print("2. kvprof step on an H200, batch 1, 512 tokens of context:")
     for name in ("llama-2-7b", "llama-3.1-8b"):
-        lines = [json.loads(s) for s in (ROOT / f"profiles/kvprof/raw/h200__{name}__step.jsonl").read_text().splitlines()]
+        lines = [json.loads(s) for s in (ROOT / f"kvsim/profiles/kvprof/raw/h200__{name}__step.jsonl").read_text().splitlines()]
         pt = next(p for p in lines if p.get("record") == "point" and p["batch_size"] == 1 and p["kv_tokens"] == 512)
         m = load_model(name)
         h, q, k, i = m.hidden_size, m.q_size, m.kv_size, m.intermediate_size

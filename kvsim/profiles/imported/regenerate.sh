@@ -1,18 +1,18 @@
 #!/usr/bin/env bash
-# Regenerate every profile in profiles/imported/ from the published reference data.
+# Regenerate every profile in kvsim/profiles/imported/ from the published reference data.
 #
 # The data is read in place (never copied into the repo) from $SHARED/reference/{vidur,llmservingsim}/,
 # $SHARED defaulting to the "shared" folder next to the repository root. Run from anywhere:
-#     profiles/imported/regenerate.sh
+#     kvsim/profiles/imported/regenerate.sh
 # Needs the kvsim package importable (the venv) and no GPU or torch. Output is deterministic.
 set -euo pipefail
 
-repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../../.." && pwd)"
 cd "$repo"
 SHARED="${SHARED:-../shared}"               # relative to the repository root, so provenance stays portable
 VIDUR="$SHARED/reference/vidur"
 LSS="$SHARED/reference/llmservingsim/perf"
-OUT=profiles/imported
+OUT=kvsim/profiles/imported
 PY="${PYTHON:-python}"
 
 kvprof() { "$PY" -m profiler.cli "$@"; }
