@@ -25,6 +25,18 @@ def package_path(*parts: str) -> Path:
     return Path(str(resources.files("kvsim").joinpath(*parts)))
 
 
+def read_mapping(*parts: str) -> dict:
+    """A shipped YAML file whose top level must be a mapping (an empty file is an empty one)."""
+    import yaml
+
+    from kvsim.errors import ConfigError
+
+    table = yaml.safe_load(package_path(*parts).read_text()) or {}
+    if not isinstance(table, dict):
+        raise ConfigError(f"{'/'.join(parts)}: top level must be a mapping of names, got {type(table).__name__}")
+    return table
+
+
 def profiles_dir() -> Path:
     """The committed profiles (``imported/``, ``kvprof/``, ``lengths/``)."""
     return package_path("profiles")
@@ -39,4 +51,4 @@ def shared_dir() -> Path:
     return Path(__file__).resolve().parents[2] / "shared"
 
 
-__all__ = ["package_path", "profiles_dir", "shared_dir"]
+__all__ = ["package_path", "profiles_dir", "read_mapping", "shared_dir"]

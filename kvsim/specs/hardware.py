@@ -37,11 +37,9 @@ is latency-bound and several times slower.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from importlib import resources
-
-import yaml
 
 from kvsim.errors import ConfigError, UnknownNameError
+from kvsim.resources import read_mapping
 
 GIB = 1024**3
 
@@ -83,11 +81,7 @@ class HardwareSpec:
 
 
 def _raw_table() -> dict:
-    text = resources.files("kvsim.specs").joinpath("data/hardware.yaml").read_text()
-    table = yaml.safe_load(text) or {}
-    if not isinstance(table, dict):
-        raise ConfigError("specs/data/hardware.yaml: top level must be a mapping of GPU names")
-    return table
+    return read_mapping("specs", "data", "hardware.yaml")
 
 
 def hardware_table() -> dict:

@@ -10,11 +10,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
-from importlib import resources
-
-import yaml
 
 from kvsim.errors import ConfigError, UnknownNameError
+from kvsim.resources import read_mapping
 
 _RESERVED = ("host_links",)
 #: every entry's figures, each with a source
@@ -47,11 +45,7 @@ INFINITE = LinkSpec("infinite", math.inf, 0.0, "ideal", {"bandwidth_gb_s": "idea
 
 @lru_cache(maxsize=1)
 def _raw() -> dict:
-    text = resources.files("kvsim.specs").joinpath("data/links.yaml").read_text()
-    table = yaml.safe_load(text) or {}
-    if not isinstance(table, dict):
-        raise ConfigError("specs/data/links.yaml: top level must be a mapping of link names")
-    return table
+    return read_mapping("specs", "data", "links.yaml")
 
 
 def known_links() -> list[str]:
